@@ -1,0 +1,1 @@
+"""Alembic migrations; applied by ``pacs-annotate migrate`` and on ``serve``."""

@@ -1,0 +1,1 @@
+"""Tag parsers: raw DICOM tag values to clean features (issue 4)."""

@@ -1,0 +1,218 @@
+"""``pacs-annotate``: the one command for everything a user runs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Sequence
+
+from . import __version__
+from .config import ConfigError, Settings, load_settings
+
+log = logging.getLogger("pacs_annotate")
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides = {
+        "ae_title": getattr(args, "ae_title", None),
+        "bind_address": getattr(args, "bind", None),
+        "port": getattr(args, "port", None),
+        "processes": getattr(args, "processes", None),
+        "data_dir": getattr(args, "data_dir", None),
+        "storage_dir": getattr(args, "storage_dir", None),
+        "log_format": getattr(args, "log_format", None),
+    }
+    return load_settings(args.config, **overrides)
+
+
+def _open(settings: Settings, *, migrate: bool = True):
+    from .db import migrate as run_migrations
+    from .db import open_database, redact
+
+    context = open_database(settings)
+    database = context.__enter__()
+    if migrate:
+        revision = run_migrations(database.engine)
+        log.info("database ready", extra={"url": redact(database.url), "revision": revision,
+                                          "embedded": database.embedded})
+    return context, database
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .ingest import Ingestor
+    from .scp import serve_forever
+    from .storage import FileStore
+
+    settings = _settings(args)
+    context, database = _open(settings)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    try:
+        ingestor = Ingestor(database.engine, FileStore(settings.storage_path),
+                            stages=settings.queue_stages, batch_max=settings.commit_batch_max)
+        ingestor.start()  # settles what a previous run left unfinished
+        try:
+            serve_forever(settings, database.url, ingestor, stop)
+        finally:
+            ingestor.close()
+    finally:
+        context.__exit__(None, None, None)
+    log.info("stopped")
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    context, database = _open(settings)
+    context.__exit__(None, None, None)
+    print("database schema is up to date")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from .importer import import_directory
+    from .ingest import Ingestor
+    from .storage import FileStore
+
+    settings = _settings(args)
+    root = Path(args.directory)
+    if not root.exists():
+        print(f"error: {root} does not exist", file=sys.stderr)
+        return 2
+    context, database = _open(settings)
+    try:
+        with Ingestor(database.engine, FileStore(settings.storage_path),
+                      stages=settings.queue_stages, batch_max=settings.commit_batch_max) as ingestor:
+            report = import_directory(ingestor, root, threads=args.threads,
+                                      calling_ae=args.calling_ae,
+                                      progress=None if args.quiet else sys.stderr)
+    finally:
+        context.__exit__(None, None, None)
+    print(report.summary())
+    if report.outcomes.get("failed"):
+        return 1
+    if args.strict and report.outcomes.get("rejected"):
+        return 1
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from .status import collect_status, format_status
+
+    settings = _settings(args)
+    context, database = _open(settings)
+    try:
+        status = collect_status(database.engine)
+    finally:
+        context.__exit__(None, None, None)
+    print(json.dumps(status, indent=2) if args.json else format_status(status))
+    return 0
+
+
+def cmd_sql(args: argparse.Namespace) -> int:
+    import sqlalchemy as sa
+
+    settings = _settings(args)
+    context, database = _open(settings)
+    try:
+        with database.engine.connect() as conn:
+            result = conn.execute(sa.text(args.query))
+            if result.returns_rows:
+                columns = list(result.keys())
+                rows = [[("" if v is None else str(v)) for v in row] for row in result]
+                widths = [max([len(c)] + [len(r[i]) for r in rows]) for i, c in enumerate(columns)]
+                print(" | ".join(c.ljust(w) for c, w in zip(columns, widths)))
+                print("-+-".join("-" * w for w in widths))
+                for row in rows:
+                    print(" | ".join(v.ljust(w) for v, w in zip(row, widths)))
+                print(f"({len(rows)} rows)")
+            conn.commit()
+    finally:
+        context.__exit__(None, None, None)
+    return 0
+
+
+def cmd_db_url(args: argparse.Namespace) -> int:
+    from .db import redact
+
+    settings = _settings(args)
+    context, database = _open(settings, migrate=False)
+    try:
+        print(database.url if database.embedded else redact(database.url))
+    finally:
+        context.__exit__(None, None, None)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pacs-annotate",
+        description="DICOM C-STORE ingestion into PostgreSQL, tag parsing and auto-annotation.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", help="TOML settings file (also PACS_CONFIG)")
+    common.add_argument("--data-dir", help="embedded database and default storage (PACS_DATA_DIR)")
+    common.add_argument("--storage-dir", help="where instance files go (PACS_STORAGE_DIR)")
+    common.add_argument("--log-format", choices=["json", "text"], help="PACS_LOG_FORMAT")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", parents=[common], help="run the C-STORE SCP")
+    serve.add_argument("--ae-title", help="our AE title (PACS_AE_TITLE)")
+    serve.add_argument("--bind", help="address to listen on (PACS_BIND_ADDRESS)")
+    serve.add_argument("--port", type=int, help="port to listen on (PACS_PORT)")
+    serve.add_argument("--processes", type=int, help="listener processes (PACS_PROCESSES)")
+    serve.set_defaults(func=cmd_serve)
+
+    sub.add_parser("migrate", parents=[common], help="apply database migrations").set_defaults(
+        func=cmd_migrate)
+
+    imp = sub.add_parser("import", parents=[common], help="backfill DICOM files from a folder")
+    imp.add_argument("directory")
+    imp.add_argument("--threads", type=int, default=8)
+    imp.add_argument("--calling-ae", default="IMPORT", help="recorded as the calling AE title")
+    imp.add_argument("--strict", action="store_true", help="exit 1 when any file is rejected")
+    imp.add_argument("--quiet", action="store_true", help="no progress line")
+    imp.set_defaults(func=cmd_import)
+
+    status = sub.add_parser("status", parents=[common], help="counters and queue depth")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(func=cmd_status)
+
+    sql = sub.add_parser("sql", parents=[common], help="run one SQL statement and print rows")
+    sql.add_argument("query")
+    sql.set_defaults(func=cmd_sql)
+
+    sub.add_parser("db-url", parents=[common],
+                   help="print the database URL (password hidden)").set_defaults(func=cmd_db_url)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from .logs import setup_logging
+
+    try:
+        settings = _settings(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(settings)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

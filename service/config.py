@@ -1,0 +1,148 @@
+"""Settings from environment variables and an optional TOML file.
+
+Precedence, highest first: environment variable, TOML file, default.  The TOML
+file is named by ``--config`` or ``PACS_CONFIG``; its keys are the field names
+below, at the top level or under a ``[pacs]`` table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+_AE_TITLE = re.compile(r"^[\x20-\x7e]{1,16}$")
+
+
+class ConfigError(ValueError):
+    """A setting has a value the service cannot use."""
+
+
+def _split_list(value: str | list[str]) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = value.split(",")
+    return tuple(v.strip() for v in value if v.strip())
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str | None = None
+    data_dir: Path = Path("data")
+    storage_dir: Path | None = None
+    ae_title: str = "PACS_ANNOTATE"
+    bind_address: str = "0.0.0.0"
+    port: int = 11112
+    max_associations: int = 16
+    max_pdu_size: int = 262144
+    allowed_calling_aets: tuple[str, ...] = ()
+    processes: int = field(default_factory=lambda: os.cpu_count() or 1)
+    commit_batch_max: int = 128
+    queue_stages: tuple[str, ...] = ("tags",)
+    log_level: str = "INFO"
+    log_format: str = "json"
+    network_timeout: float = 60.0
+    acse_timeout: float = 30.0
+    dimse_timeout: float = 60.0
+
+    @property
+    def storage_path(self) -> Path:
+        return self.storage_dir if self.storage_dir is not None else self.data_dir / "storage"
+
+    @property
+    def pgdata_path(self) -> Path:
+        return self.data_dir / "pgdata"
+
+    def validate(self) -> "Settings":
+        if not _AE_TITLE.match(self.ae_title) or self.ae_title.strip() == "":
+            raise ConfigError(f"ae_title {self.ae_title!r}: 1-16 printable ASCII characters")
+        for aet in self.allowed_calling_aets:
+            if not _AE_TITLE.match(aet):
+                raise ConfigError(f"allowed_calling_aets entry {aet!r} is not a valid AE title")
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"port {self.port} is outside 1-65535")
+        if self.max_associations < 1:
+            raise ConfigError("max_associations must be at least 1")
+        if self.max_pdu_size != 0 and self.max_pdu_size < 4096:
+            raise ConfigError("max_pdu_size must be 0 (unlimited) or at least 4096")
+        if self.processes < 1:
+            raise ConfigError("processes must be at least 1")
+        if self.commit_batch_max < 1:
+            raise ConfigError("commit_batch_max must be at least 1")
+        if self.log_format not in ("json", "text"):
+            raise ConfigError("log_format must be 'json' or 'text'")
+        return self
+
+
+# environment variable -> field name; DATABASE_URL keeps its conventional name
+ENV_VARS: dict[str, str] = {
+    "DATABASE_URL": "database_url",
+    "PACS_DATA_DIR": "data_dir",
+    "PACS_STORAGE_DIR": "storage_dir",
+    "PACS_AE_TITLE": "ae_title",
+    "PACS_BIND_ADDRESS": "bind_address",
+    "PACS_PORT": "port",
+    "PACS_MAX_ASSOCIATIONS": "max_associations",
+    "PACS_MAX_PDU_SIZE": "max_pdu_size",
+    "PACS_ALLOWED_CALLING_AETS": "allowed_calling_aets",
+    "PACS_PROCESSES": "processes",
+    "PACS_COMMIT_BATCH_MAX": "commit_batch_max",
+    "PACS_QUEUE_STAGES": "queue_stages",
+    "PACS_LOG_LEVEL": "log_level",
+    "PACS_LOG_FORMAT": "log_format",
+    "PACS_NETWORK_TIMEOUT": "network_timeout",
+    "PACS_ACSE_TIMEOUT": "acse_timeout",
+    "PACS_DIMSE_TIMEOUT": "dimse_timeout",
+}
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    kind = _FIELDS[name].type
+    try:
+        if kind in ("int",):
+            return int(value)
+        if kind in ("float",):
+            return float(value)
+        if kind in ("Path", "Path | None"):
+            return Path(value).expanduser() if value not in (None, "") else None
+        if kind == "tuple[str, ...]":
+            return _split_list(value)
+        if kind in ("str | None",):
+            return value or None
+        return str(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{name}: cannot use {value!r} ({exc})") from None
+
+
+def load_settings(
+    config_file: str | Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    **overrides: Any,
+) -> Settings:
+    """Build :class:`Settings` from defaults, the TOML file, the environment and overrides."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    config_file = config_file or environ.get("PACS_CONFIG")
+    if config_file:
+        path = Path(config_file)
+        try:
+            document = tomllib.loads(path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"config file {path}: {exc}") from None
+        table = document.get("pacs", document)
+        for key, value in table.items():
+            if key not in _FIELDS:
+                raise ConfigError(f"config file {path}: unknown setting {key!r}")
+            values[key] = _coerce(key, value)
+    for env_name, field_name in ENV_VARS.items():
+        if env_name in environ and environ[env_name] != "":
+            values[field_name] = _coerce(field_name, environ[env_name])
+    for key, value in overrides.items():
+        if value is not None:
+            values[key] = _coerce(key, value) if isinstance(value, str) else value
+    return Settings(**values).validate()

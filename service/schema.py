@@ -1,0 +1,149 @@
+"""Table definitions used by the queries.  The migrations in ``migrations/`` create them.
+
+``tests/test_migrations.py`` checks that the migrated database and these
+definitions agree, so a change here needs a new revision there.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Date,
+    ForeignKey,
+    Identity,
+    Index,
+    Integer,
+    MetaData,
+    Table,
+    Text,
+    UniqueConstraint,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB, TIMESTAMP
+
+metadata = MetaData()
+
+NOW = text("now()")
+
+
+def _ts(name: str, **kw) -> Column:
+    return Column(name, TIMESTAMP(timezone=True), **kw)
+
+
+patients = Table(
+    "patients",
+    metadata,
+    Column("id", BigInteger, Identity(), primary_key=True),
+    Column("patient_id", Text, nullable=False, server_default=""),
+    Column("issuer_of_patient_id", Text, nullable=False, server_default=""),
+    Column("patient_name", Text),
+    Column("patient_birth_date", Date),
+    Column("patient_sex", Text),
+    _ts("created_at", nullable=False, server_default=NOW),
+    UniqueConstraint("patient_id", "issuer_of_patient_id", name="uq_patients_id_issuer"),
+)
+
+studies = Table(
+    "studies",
+    metadata,
+    Column("study_instance_uid", Text, primary_key=True),
+    Column("patient_pk", BigInteger, ForeignKey("patients.id"), nullable=False),
+    Column("study_date", Date),
+    Column("study_time", Text),
+    Column("accession_number", Text),
+    Column("study_id", Text),
+    Column("study_description", Text),
+    Column("referring_physician_name", Text),
+    _ts("created_at", nullable=False, server_default=NOW),
+    Index("ix_studies_patient_pk", "patient_pk"),
+    Index("ix_studies_study_date", "study_date"),
+    Index("ix_studies_accession_number", "accession_number"),
+)
+
+series = Table(
+    "series",
+    metadata,
+    Column("series_instance_uid", Text, primary_key=True),
+    Column("study_instance_uid", Text, ForeignKey("studies.study_instance_uid"), nullable=False),
+    Column("modality", Text),
+    Column("series_number", Integer),
+    Column("series_description", Text),
+    Column("body_part_examined", Text),
+    Column("manufacturer", Text),
+    Column("manufacturer_model_name", Text),
+    Column("station_name", Text),
+    Column("series_date", Date),
+    _ts("created_at", nullable=False, server_default=NOW),
+    Index("ix_series_study_instance_uid", "study_instance_uid"),
+    Index("ix_series_modality", "modality"),
+    Index("ix_series_body_part_examined", "body_part_examined"),
+)
+
+instances = Table(
+    "instances",
+    metadata,
+    Column("sop_instance_uid", Text, primary_key=True),
+    Column("series_instance_uid", Text, ForeignKey("series.series_instance_uid"), nullable=False),
+    Column("study_instance_uid", Text, nullable=False),
+    Column("sop_class_uid", Text, nullable=False),
+    Column("transfer_syntax_uid", Text, nullable=False),
+    Column("modality", Text),
+    Column("instance_number", Integer),
+    Column("content_date", Date),
+    Column("calling_ae_title", Text),
+    Column("called_ae_title", Text),
+    Column("file_path", Text, nullable=False),
+    Column("file_size", BigInteger, nullable=False),
+    Column("sha256", Text, nullable=False),
+    _ts("received_at", nullable=False, server_default=NOW),
+    Column("tags", JSONB, nullable=False),
+    Index("ix_instances_series_instance_uid", "series_instance_uid"),
+    Index("ix_instances_study_instance_uid", "study_instance_uid"),
+    Index("ix_instances_sop_class_uid", "sop_class_uid"),
+    Index("ix_instances_modality", "modality"),
+    Index("ix_instances_received_at", "received_at"),
+)
+
+work_queue = Table(
+    "work_queue",
+    metadata,
+    Column("id", BigInteger, Identity(), primary_key=True),
+    Column("stage", Text, nullable=False),
+    Column(
+        "sop_instance_uid",
+        Text,
+        ForeignKey("instances.sop_instance_uid", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    Column("status", Text, nullable=False, server_default="pending"),
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    _ts("available_at", nullable=False, server_default=NOW),
+    Column("claimed_by", Text),
+    _ts("claimed_at"),
+    Column("last_error", Text),
+    _ts("created_at", nullable=False, server_default=NOW),
+    _ts("updated_at", nullable=False, server_default=NOW),
+    UniqueConstraint("stage", "sop_instance_uid", name="uq_work_queue_stage_instance"),
+    Index(
+        "ix_work_queue_pending",
+        "stage",
+        "available_at",
+        "id",
+        postgresql_where=text("status = 'pending'"),
+    ),
+    Index("ix_work_queue_status", "stage", "status"),
+)
+
+ingest_stats = Table(
+    "ingest_stats",
+    metadata,
+    Column("node", Text, primary_key=True),
+    Column("received", BigInteger, nullable=False, server_default="0"),
+    Column("stored", BigInteger, nullable=False, server_default="0"),
+    Column("duplicates", BigInteger, nullable=False, server_default="0"),
+    Column("rejected", BigInteger, nullable=False, server_default="0"),
+    Column("bytes_stored", BigInteger, nullable=False, server_default="0"),
+    _ts("started_at", nullable=False, server_default=NOW),
+    _ts("updated_at", nullable=False, server_default=NOW),
+)

@@ -1,0 +1,123 @@
+"""The C-STORE SCP service: listener wiring, one or more listener processes on one port."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import threading
+from typing import Any
+
+from .acceptor import AcceptorConfig, DicomServer, StoreRequest
+from .config import Settings
+from .dicom_header import STATUS_UNDECODABLE, encode_part10
+from .ingest import Ingestor
+
+log = logging.getLogger(__name__)
+
+
+def handle_store(request: StoreRequest, ingestor: Ingestor) -> int:
+    """C-STORE handler: frame the received dataset as a Part 10 file and ingest it."""
+    try:
+        encoded = encode_part10(
+            request.dataset,
+            sop_class_uid=request.sop_class_uid,
+            sop_instance_uid=request.sop_instance_uid,
+            transfer_syntax_uid=request.transfer_syntax_uid,
+            source_ae_title=request.calling_ae_title,
+        )
+    except (UnicodeError, ValueError) as exc:
+        log.warning("rejected instance: cannot frame the received dataset: %s", exc)
+        return STATUS_UNDECODABLE
+    outcome = ingestor.ingest(
+        encoded,
+        calling_ae=request.calling_ae_title,
+        called_ae=request.called_ae_title,
+        expected_sop_instance_uid=request.sop_instance_uid or None,
+        expected_sop_class_uid=request.sop_class_uid or None,
+    )
+    return outcome.status
+
+
+def acceptor_config(settings: Settings) -> AcceptorConfig:
+    return AcceptorConfig(
+        ae_title=settings.ae_title,
+        max_pdu_size=settings.max_pdu_size,
+        allowed_calling_aets=settings.allowed_calling_aets,
+        network_timeout=settings.network_timeout,
+        acse_timeout=settings.acse_timeout,
+        max_associations=settings.max_associations,
+    )
+
+
+def start_listener(settings: Settings, ingestor: Ingestor, *, reuse_port: bool = False,
+                   port: int | None = None) -> DicomServer:
+    """Start the SCP in background threads; returns the server (call ``shutdown()``)."""
+    server = DicomServer(
+        (settings.bind_address, settings.port if port is None else port),
+        acceptor_config(settings),
+        lambda request: handle_store(request, ingestor),
+        reuse_port=reuse_port,
+    )
+    return server.start()
+
+
+def _child_main(settings: Settings, database_url: str, ready: Any) -> None:
+    from .db import create_db_engine
+    from .logs import setup_logging
+    from .storage import FileStore
+
+    setup_logging(settings)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
+    engine = create_db_engine(database_url, pool_size=2)
+    ingestor = Ingestor(engine, FileStore(settings.storage_path), stages=settings.queue_stages,
+                        batch_max=settings.commit_batch_max)
+    ingestor.start(resolve=False)
+    server = start_listener(settings, ingestor, reuse_port=True)
+    ready.set()
+    stop.wait()
+    server.shutdown()
+    ingestor.close()
+    engine.dispose()
+
+
+def serve_forever(settings: Settings, database_url: str, ingestor: Ingestor,
+                  stop: threading.Event) -> None:
+    """Run the listener until ``stop`` is set: in-process, or in N child processes."""
+    if settings.processes <= 1:
+        server = start_listener(settings, ingestor)
+        log.info("listening", extra={"ae_title": settings.ae_title, "port": server.port,
+                                     "address": settings.bind_address, "processes": 1})
+        stop.wait()
+        server.shutdown()
+        return
+    context = multiprocessing.get_context("spawn")
+    children = []
+    for _ in range(settings.processes):
+        ready = context.Event()
+        child = context.Process(target=_child_main, args=(settings, database_url, ready),
+                                name="pacs-listener", daemon=False)
+        child.start()
+        children.append((child, ready))
+    for child, ready in children:
+        while not ready.wait(0.2):
+            if not child.is_alive():
+                stop.set()
+                break
+    log.info("listening", extra={"ae_title": settings.ae_title, "port": settings.port,
+                                 "address": settings.bind_address,
+                                 "processes": settings.processes})
+    while not stop.wait(0.5):
+        if any(not child.is_alive() for child, _ in children):
+            log.error("a listener process died; stopping the service")
+            break
+    for child, _ in children:
+        if child.is_alive():
+            os.kill(child.pid, signal.SIGTERM)
+    for child, _ in children:
+        child.join(timeout=30)
+        if child.is_alive():
+            child.kill()

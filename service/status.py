@@ -1,0 +1,71 @@
+"""What ``status`` reports: counters, archive size and queue depth, read from SQL."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+_COUNTERS = sa.text(
+    """
+    SELECT coalesce(sum(received), 0), coalesce(sum(stored), 0), coalesce(sum(duplicates), 0),
+           coalesce(sum(rejected), 0), coalesce(sum(bytes_stored), 0), max(updated_at)
+    FROM ingest_stats
+    """
+)
+_ARCHIVE = sa.text(
+    """
+    SELECT (SELECT count(*) FROM patients), (SELECT count(*) FROM studies),
+           (SELECT count(*) FROM series), (SELECT count(*) FROM instances),
+           (SELECT coalesce(sum(file_size), 0) FROM instances)
+    """
+)
+_QUEUE = sa.text(
+    "SELECT stage, status, count(*) FROM work_queue GROUP BY stage, status ORDER BY stage, status"
+)
+
+
+def collect_status(engine: Engine) -> dict[str, Any]:
+    with engine.connect() as conn:
+        received, stored, duplicates, rejected, nbytes, updated = conn.execute(_COUNTERS).one()
+        patients, studies, series, instances, archive_bytes = conn.execute(_ARCHIVE).one()
+        queue: dict[str, dict[str, int]] = {}
+        for stage, status, count in conn.execute(_QUEUE):
+            queue.setdefault(stage, {})[status] = count
+    return {
+        "counters": {
+            "received": int(received), "stored": int(stored), "duplicates": int(duplicates),
+            "rejected": int(rejected), "bytes_stored": int(nbytes),
+            "updated_at": updated.isoformat() if updated else None,
+        },
+        "archive": {
+            "patients": patients, "studies": studies, "series": series,
+            "instances": instances, "bytes": int(archive_bytes),
+        },
+        "queue": queue,
+    }
+
+
+def format_status(status: dict[str, Any]) -> str:
+    c, a = status["counters"], status["archive"]
+    lines = [
+        "ingest counters (all listener processes, since the database was created)",
+        f"  received    {c['received']:>12,}",
+        f"  stored      {c['stored']:>12,}",
+        f"  duplicates  {c['duplicates']:>12,}",
+        f"  rejected    {c['rejected']:>12,}",
+        f"  bytes       {c['bytes_stored']:>12,}",
+        f"  last update {c['updated_at'] or '-'}",
+        "archive",
+        f"  patients {a['patients']:,}  studies {a['studies']:,}  series {a['series']:,}  "
+        f"instances {a['instances']:,}  ({a['bytes'] / 1e6:,.1f} MB)",
+        "work queue",
+    ]
+    if not status["queue"]:
+        lines.append("  (empty)")
+    for stage, counts in status["queue"].items():
+        pending = counts.get("pending", 0)
+        rest = ", ".join(f"{k} {v:,}" for k, v in sorted(counts.items()) if k != "pending")
+        lines.append(f"  {stage:<10} pending {pending:,}" + (f"  ({rest})" if rest else ""))
+    return "\n".join(lines)

@@ -1,0 +1,234 @@
+"""Instance files on disk: crash-safe placement and startup recovery.
+
+Protocol for one instance (see docs/ingest.md, "Durability"):
+
+1. write the bytes to ``.incoming/<pid>.<nonce>.tmp`` and fdatasync it;
+2. hard-link it to its final path ``<h2>/<study>/<series>/<sop>.dcm`` and fsync both
+   directories;
+3. commit the row in PostgreSQL (the caller);
+4. unlink the temp name.
+
+Until step 4 the temp name is the record of an unfinished store.  A crash at
+any point leaves at most that temp file (and its second name, the same inode);
+:meth:`FileStore.resolve_pending` settles it against the database, finding the
+final name from the file's own header: row present with this content -> drop
+the temp name; no row -> remove both names.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Mapping
+
+log = logging.getLogger(__name__)
+
+INCOMING = ".incoming"
+
+
+def relative_path(study_uid: str, series_uid: str, sop_uid: str) -> str:
+    """Where an instance lives under the storage root.
+
+    UIDs must already be validated (digits and dots only), so the result cannot
+    escape the root.  The 2-hex-digit prefix spreads studies over 256 folders.
+    """
+    bucket = hashlib.blake2b(study_uid.encode(), digest_size=1).hexdigest()
+    return f"{bucket}/{study_uid}/{series_uid}/{sop_uid}.dcm"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True)
+class PendingFile:
+    """An instance written and linked in place, not yet confirmed by a committed row."""
+
+    temp: Path
+    final: Path
+    relative: str
+    replaced_existing: bool  # a file already had the final name; ours is still only in `temp`
+
+
+class FileStore:
+    def __init__(self, root: Path):
+        self.root = Path(root).resolve()
+        self.incoming = self.root / INCOMING
+        self._known_dirs: set[Path] = set()
+
+    def prepare(self) -> None:
+        self.incoming.mkdir(parents=True, exist_ok=True)
+        self._known_dirs.add(self.incoming)
+
+    def _ensure_dir(self, directory: Path) -> None:
+        if directory in self._known_dirs:
+            return
+        missing = []
+        probe = directory
+        while not probe.exists():
+            missing.append(probe)
+            probe = probe.parent
+        directory.mkdir(parents=True, exist_ok=True)
+        # make each new directory entry durable: fsync the parent of every level created
+        for created in reversed(missing):
+            _fsync_dir(created.parent)
+        self._known_dirs.add(directory)
+
+    def write_temp(self, data: bytes | memoryview) -> Path:
+        """Step 1: the bytes in a new temp file, flushed to disk."""
+        temp = self.incoming / f"{os.getpid()}.{secrets.token_hex(6)}.tmp"
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            os.fdatasync(fd)
+        except BaseException:
+            os.close(fd)
+            _unlink_quietly(temp)
+            raise
+        os.close(fd)
+        return temp
+
+    def place(self, temp: Path, relative: str) -> PendingFile:
+        """Step 2: the temp file also under its final name (unless that name is taken)."""
+        final = self.root / relative
+        try:
+            self._ensure_dir(final.parent)
+            try:
+                os.link(temp, final)
+                replaced = False
+            except FileExistsError:
+                replaced = True  # a duplicate, or a stale file: decided after the insert
+            _fsync_dir(final.parent)
+            _fsync_dir(self.incoming)
+        except BaseException:
+            self._remove_if_ours(temp, final)
+            _unlink_quietly(temp)
+            raise
+        return PendingFile(temp, final, relative, replaced)
+
+    def write(self, relative: str, data: bytes | memoryview) -> PendingFile:
+        """Steps 1-2 in one call."""
+        return self.place(self.write_temp(data), relative)
+
+    def discard_temp(self, temp: Path) -> None:
+        _unlink_quietly(temp)
+
+    def finish_stored(self, pending: PendingFile) -> None:
+        """Step 4 for a newly inserted row."""
+        if pending.replaced_existing:
+            # a file without a row had our name (left by an admin's row delete): ours wins
+            os.replace(pending.temp, pending.final)
+            _fsync_dir(pending.final.parent)
+        else:
+            os.unlink(pending.temp)
+
+    def finish_duplicate(self, pending: PendingFile) -> None:
+        """The row already existed: keep the first file, forget ours."""
+        if not pending.replaced_existing:
+            self._remove_if_ours(pending.temp, pending.final)
+        os.unlink(pending.temp)
+
+    def abandon(self, pending: PendingFile) -> None:
+        """The row was certainly not committed: remove every trace."""
+        self._remove_if_ours(pending.temp, pending.final)
+        _unlink_quietly(pending.temp)
+
+    @staticmethod
+    def _remove_if_ours(temp: Path, final: Path) -> None:
+        try:
+            same = os.path.samefile(temp, final)
+        except OSError:
+            return
+        if same:
+            _unlink_quietly(final)
+
+    def pending_temps(self) -> list[Path]:
+        if not self.incoming.exists():
+            return []
+        return sorted(self.incoming.glob("*.tmp"))
+
+    def resolve_pending(
+        self,
+        committed_hashes: Callable[[Iterable[str]], Mapping[str, str]],
+        locate: Callable[[Path], str | None],
+        temps: list[Path] | None = None,
+    ) -> dict[str, int]:
+        """Settle unfinished stores against the database (start-up, and after DB errors).
+
+        ``locate`` gives a temp file's relative final path (from its header), or
+        None when it cannot be read; ``committed_hashes`` maps relative paths to
+        the sha256 of their committed rows, for those that have one.
+        """
+        temps = self.pending_temps() if temps is None else temps
+        # another live process's temp is a store in flight, not a leftover
+        temps = [t for t in temps if not _owned_by_other_live_process(t)]
+        counts = {"kept": 0, "removed": 0}
+        located: dict[Path, str | None] = {temp: locate(temp) for temp in temps}
+        hashes = committed_hashes(sorted({r for r in located.values() if r}))
+        for temp, relative in located.items():
+            final = self.root / relative if relative else None
+            row_hash = hashes.get(relative) if relative else None
+            if final is not None and row_hash is not None and sha256_file(temp) == row_hash:
+                if not final.exists():
+                    self._ensure_dir(final.parent)
+                    os.link(temp, final)
+                    _fsync_dir(final.parent)
+                elif not os.path.samefile(temp, final) and sha256_file(final) != row_hash:
+                    os.replace(temp, final)
+                    _fsync_dir(final.parent)
+                    counts["kept"] += 1
+                    continue
+                os.unlink(temp)
+                counts["kept"] += 1
+            else:
+                if final is not None:
+                    self._remove_if_ours(temp, final)
+                os.unlink(temp)
+                counts["removed"] += 1
+        if temps:
+            _fsync_dir(self.incoming)
+        return counts
+
+
+def _owned_by_other_live_process(temp: Path) -> bool:
+    try:
+        pid = int(temp.name.split(".", 1)[0])
+    except (IndexError, ValueError):
+        return False
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except OSError as exc:
+        if exc.errno != errno.ENOENT:
+            log.warning("could not remove %s: %s", path, exc)
