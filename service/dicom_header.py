@@ -194,6 +194,10 @@ class _Unsupported(Exception):
     """The direct parser declines; pydicom reads the dataset instead."""
 
 
+class _Truncated(_Unsupported):
+    """The bytes end inside an element: corrupt, rejected rather than read leniently."""
+
+
 class _LittleEndianReader:
     """Walks an explicit or implicit VR little-endian dataset up to the pixel data."""
 
@@ -225,7 +229,7 @@ class _LittleEndianReader:
         buf = self.buffer
         while pos < end:
             if pos + 8 > len(buf):
-                raise _Unsupported("truncated element header")
+                raise _Truncated("truncated element header")
             tag, vr, length, pos = self._header(pos, implicit)
             if tag == _ITEM_END:
                 return out, pos
@@ -244,7 +248,7 @@ class _LittleEndianReader:
             else:
                 value_end = pos + length
                 if value_end > len(buf):
-                    raise _Unsupported("value runs past the end")
+                    raise _Truncated("value runs past the end")
                 if vr == "SQ":
                     value, _ = self._sequence(pos, value_end, depth, implicit)
                 elif tag & 0xFFFF == 0 or tag in _PIXEL_TAGS:
@@ -277,7 +281,7 @@ class _LittleEndianReader:
         limit = len(self.buffer) if end is None else end
         while pos < limit:
             if pos + 8 > len(self.buffer):
-                raise _Unsupported("truncated sequence")
+                raise _Truncated("truncated sequence")
             group, element = struct.unpack_from("<HH", self.buffer, pos)
             tag = (group << 16) | element
             (length,) = struct.unpack_from("<I", self.buffer, pos + 4)
@@ -288,11 +292,11 @@ class _LittleEndianReader:
                 raise _Unsupported(f"unexpected tag {tag:08X} in a sequence")
             item_end = limit if length == _UNDEFINED else pos + length
             if item_end > limit:
-                raise _Unsupported("item runs past its sequence")
+                raise _Truncated("item runs past its sequence")
             item, pos = self.read(pos, item_end, depth + 1, implicit)
             items.append(item)
         if end is None:
-            raise _Unsupported("sequence without delimiter")
+            raise _Truncated("sequence without delimiter")
         return (items if depth < MAX_SEQUENCE_DEPTH else None), pos
 
 
@@ -429,6 +433,8 @@ def read_header(encoded: bytes) -> InstanceHeader:
     """Parse a DICOM Part 10 byte string (preamble, file meta, dataset) up to the pixels."""
     try:
         tags, transfer_syntax = read_tags_direct(encoded)
+    except _Truncated as exc:
+        raise InvalidInstance(STATUS_UNDECODABLE, f"truncated dataset: {exc}") from None
     except _Unsupported:
         try:
             tags, transfer_syntax = read_tags_pydicom(encoded)

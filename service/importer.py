@@ -82,8 +82,10 @@ def import_directory(
     def one(path: Path) -> StoreOutcome:
         try:
             data = as_part10(path.read_bytes())
-        except Exception as exc:
-            return StoreOutcome(0xC210, "rejected", None, f"not DICOM: {type(exc).__name__}")
+        except OSError as exc:
+            return StoreOutcome(0xC210, "rejected", None, f"unreadable file: {exc.strerror}")
+        except Exception:  # pydicom's many ways of saying "this is not DICOM"
+            return StoreOutcome(0xC210, "rejected", None, "not a DICOM file")
         return ingestor.ingest(data, calling_ae=calling_ae)
 
     def record(path: Path, outcome: StoreOutcome) -> None:

@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from service.config import ConfigError, load_settings
+from service.db import redact, sqlalchemy_url
+
+
+def test_defaults():
+    settings = load_settings(environ={})
+    assert settings.database_url is None
+    assert settings.port == 11112 and settings.ae_title == "PACS_ANNOTATE"
+    assert settings.storage_path == Path("data") / "storage"
+
+
+def test_environment_beats_file_and_overrides_beat_environment(tmp_path):
+    config = tmp_path / "pacs.toml"
+    config.write_text('[pacs]\nport = 4242\nae_title = "FROMFILE"\n'
+                      'allowed_calling_aets = ["A", "B"]\n')
+    settings = load_settings(config, environ={"PACS_PORT": "5555"})
+    assert settings.port == 5555
+    assert settings.ae_title == "FROMFILE"
+    assert settings.allowed_calling_aets == ("A", "B")
+    assert load_settings(config, environ={"PACS_PORT": "5555"}, port=6666).port == 6666
+
+
+@pytest.mark.parametrize("environ, message", [
+    ({"PACS_PORT": "0"}, "port"),
+    ({"PACS_PORT": "eleven"}, "port"),
+    ({"PACS_AE_TITLE": "THIS_TITLE_IS_TOO_LONG"}, "ae_title"),
+    ({"PACS_MAX_PDU_SIZE": "100"}, "max_pdu_size"),
+    ({"PACS_LOG_FORMAT": "xml"}, "log_format"),
+])
+def test_invalid_values_are_refused_with_the_setting_named(environ, message):
+    with pytest.raises(ConfigError, match=message):
+        load_settings(environ=environ)
+
+
+def test_unknown_key_in_file_is_an_error(tmp_path):
+    config = tmp_path / "pacs.toml"
+    config.write_text("prot = 1\n")
+    with pytest.raises(ConfigError, match="unknown setting 'prot'"):
+        load_settings(config, environ={})
+
+
+def test_urls():
+    assert sqlalchemy_url("postgresql://h/db") == "postgresql+psycopg://h/db"
+    assert sqlalchemy_url("postgres://h/db") == "postgresql+psycopg://h/db"
+    assert "secret" not in redact("postgresql://u:secret@h/db")

@@ -1,0 +1,228 @@
+"""The listener's promises, through real associations against a real PostgreSQL."""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+import struct
+import threading
+
+import pydicom
+import pytest
+from pynetdicom.sop_class import CTImageStorage
+
+from service.dicom_header import (
+    STATUS_DATASET_MISMATCH,
+    STATUS_MALFORMED_UID,
+    STATUS_MISSING_UID,
+    STATUS_UNDECODABLE,
+)
+from service.storage import INCOMING
+
+from .dicom_client import RawAssociation, associate, encode_dataset, make_ct
+
+
+def instance_files(service):
+    return [p for p in service.stored_files() if INCOMING not in p.parts]
+
+
+def test_echo(service):
+    assoc = associate(service.port)
+    assert assoc.is_established
+    assert assoc.send_c_echo().Status == 0x0000
+    assoc.release()
+
+
+def test_store_is_committed_and_on_disk_when_success_is_answered(service):
+    ds = make_ct()
+    assoc = associate(service.port)
+    status = assoc.send_c_store(ds)
+    # no waiting: Success means the row is committed and the file is in place
+    row = None
+    with service.engine.connect() as conn:
+        row = conn.execute(pydicom_row_sql(), {"sop": ds.SOPInstanceUID}).mappings().one()
+    assoc.release()
+    assert status.Status == 0x0000
+    path = service.storage / row["file_path"]
+    data = path.read_bytes()
+    assert hashlib.sha256(data).hexdigest() == row["sha256"]
+    assert row["file_size"] == len(data)
+    stored = pydicom.dcmread(path)
+    assert stored.SOPInstanceUID == ds.SOPInstanceUID
+    assert stored.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
+    assert row["calling_ae_title"] == "TESTSCU"
+    assert row["modality"] == "CT"
+    assert row["tags"]["PatientID"] == "PAT1"
+    assert row["tags"]["PixelSpacing"] == ["0.661468", "0.661468"]
+    assert "PixelData" not in row["tags"]
+    assert service.scalar("SELECT count(*) FROM work_queue WHERE sop_instance_uid = :s",
+                          s=ds.SOPInstanceUID) == 1
+    assert service.scalar("SELECT patient_id FROM patients") == "PAT1"
+    assert service.scalar("SELECT modality FROM series") == "CT"
+    assert not list((service.storage / INCOMING).iterdir())
+
+
+def pydicom_row_sql():
+    import sqlalchemy as sa
+
+    return sa.text("SELECT * FROM instances WHERE sop_instance_uid = :sop")
+
+
+def test_duplicate_answers_success_and_keeps_the_first(service):
+    ds = make_ct()
+    assoc = associate(service.port)
+    assert assoc.send_c_store(ds).Status == 0x0000
+    first_hash = service.scalar("SELECT sha256 FROM instances")
+    ds.PatientName = "Changed^Name"  # same SOP Instance UID, other content
+    assert assoc.send_c_store(ds).Status == 0x0000
+    assoc.release()
+    assert service.scalar("SELECT count(*) FROM instances") == 1
+    assert service.scalar("SELECT sha256 FROM instances") == first_hash
+    assert len(instance_files(service)) == 1
+    path = instance_files(service)[0]
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == first_hash
+    assert service.ingestor.counters.duplicates == 1
+    assert service.scalar("SELECT count(*) FROM work_queue") == 1
+
+
+@pytest.mark.parametrize(
+    "mutate, status",
+    [
+        (lambda ds: delattr(ds, "StudyInstanceUID"), STATUS_MISSING_UID),
+        (lambda ds: delattr(ds, "SeriesInstanceUID"), STATUS_MISSING_UID),
+        (lambda ds: setattr(ds, "SeriesInstanceUID", "1.2.abc.4"), STATUS_MALFORMED_UID),
+        (lambda ds: setattr(ds, "StudyInstanceUID", "1.2/../../etc"), STATUS_MALFORMED_UID),
+        (lambda ds: setattr(ds, "StudyInstanceUID", "1." + "2" * 70), STATUS_MALFORMED_UID),
+    ],
+    ids=["no-study-uid", "no-series-uid", "letters-in-uid", "path-in-uid", "uid-too-long"],
+)
+def test_invalid_identifiers_fail_and_leave_nothing(service, mutate, status):
+    ds = make_ct()
+    mutate(ds)
+    assoc = associate(service.port)
+    answer = assoc.send_c_store(ds)
+    assoc.release()
+    assert answer.Status == status
+    assert service.scalar("SELECT count(*) FROM instances") == 0
+    assert instance_files(service) == []
+    assert service.ingestor.counters.rejected == 1
+
+
+def test_undecodable_dataset_fails_and_leaves_nothing(service):
+    raw = RawAssociation(service.port)
+    assert raw.accepted
+    garbage = b"\x08\x00\x18\x00UI\xff\xff" + b"\x01" * 40  # length runs past the end
+    assert raw.store_bytes(garbage) == STATUS_UNDECODABLE
+    assert raw.store_bytes(b"") in (STATUS_UNDECODABLE, STATUS_MISSING_UID)
+    raw.release()
+    assert service.scalar("SELECT count(*) FROM instances") == 0
+    assert instance_files(service) == []
+
+
+def test_dataset_that_contradicts_its_request_fails(service):
+    ds = make_ct()
+    raw = RawAssociation(service.port)
+    status = raw.store_bytes(encode_dataset(ds), sop_instance="1.2.3.999")
+    raw.release()
+    assert status == STATUS_DATASET_MISMATCH
+    assert service.scalar("SELECT count(*) FROM instances") == 0
+
+
+def test_a_good_store_after_bad_ones_on_the_same_association(service):
+    raw = RawAssociation(service.port)
+    assert raw.store_bytes(b"\x00" * 10) != 0x0000
+    ds = make_ct()
+    assert raw.store_bytes(encode_dataset(ds), sop_instance=ds.SOPInstanceUID) == 0x0000
+    raw.release()
+    assert service.scalar("SELECT count(*) FROM instances") == 1
+
+
+def test_four_concurrent_associations_store_2000_instances(service):
+    study = pydicom.uid.generate_uid()
+    errors: list[str] = []
+
+    def sender(index: int) -> None:
+        assoc = associate(service.port, calling=f"SENDER{index}")
+        series = pydicom.uid.generate_uid()
+        ds = make_ct(study=study, series=series)
+        for _ in range(500):
+            ds.SOPInstanceUID = pydicom.uid.generate_uid()
+            status = assoc.send_c_store(ds)
+            if status.Status != 0x0000:
+                errors.append(hex(status.Status))
+        assoc.release()
+
+    threads = [threading.Thread(target=sender, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=600)
+    assert errors == []
+    assert service.scalar("SELECT count(*) FROM instances") == 2000
+    assert service.scalar("SELECT count(*) FROM series") == 4
+    assert service.scalar("SELECT count(*) FROM studies") == 1
+    assert service.scalar("SELECT count(*) FROM work_queue") == 2000
+    assert len(instance_files(service)) == 2000
+
+
+def test_calling_ae_allow_list(service_factory):
+    service = service_factory(allowed_calling_aets=("GOODPACS",))
+    refused = associate(service.port, calling="EVIL")
+    assert refused.is_rejected
+    allowed = associate(service.port, calling="GOODPACS")
+    assert allowed.is_established
+    assert allowed.send_c_store(make_ct()).Status == 0x0000
+    allowed.release()
+
+
+def test_too_many_associations_are_refused_then_served_again(service_factory):
+    service = service_factory(max_associations=1)
+    first = associate(service.port)
+    assert first.is_established
+    second = associate(service.port)
+    assert second.is_rejected
+    first.release()
+    third = associate(service.port)
+    assert third.is_established
+    third.release()
+
+
+def test_protocol_garbage_is_aborted_and_the_listener_keeps_serving(service):
+    for junk in [b"GET / HTTP/1.1\r\n\r\n", b"\x01\x00\xff\xff\xff\xff",
+                 struct.pack(">BBI", 0x04, 0, 6) + b"\x00" * 6]:
+        with socket.create_connection(("127.0.0.1", service.port), timeout=10) as sock:
+            sock.sendall(junk)
+            sock.shutdown(socket.SHUT_WR)
+            try:
+                reply = sock.recv(64)
+            except ConnectionResetError:
+                reply = b""
+            assert reply == b"" or reply[0] == 0x07  # nothing, or an A-ABORT
+    assoc = associate(service.port)
+    assert assoc.send_c_store(make_ct()).Status == 0x0000
+    assoc.release()
+
+
+def test_unknown_storage_sop_class_is_accepted_as_received(service):
+    private_class = "1.2.840.113619.4.99999"
+    ds = make_ct()
+    ds.SOPClassUID = private_class
+    raw = RawAssociation(service.port, abstract_syntax=private_class)
+    assert raw.accepted
+    status = raw.store_bytes(encode_dataset(ds), sop_class=private_class,
+                             sop_instance=ds.SOPInstanceUID)
+    raw.release()
+    assert status == 0x0000
+    assert service.scalar("SELECT sop_class_uid FROM instances") == private_class
+
+
+def test_storage_failure_answers_out_of_resources(service, monkeypatch):
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(service.ingestor.store, "write_temp", full_disk)
+    assoc = associate(service.port)
+    status = assoc.send_c_store(make_ct())
+    assoc.release()
+    assert status.Status == 0xA700
+    assert service.scalar("SELECT count(*) FROM instances") == 0

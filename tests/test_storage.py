@@ -1,0 +1,122 @@
+"""File placement and the settling of unfinished stores after a crash."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import sqlalchemy as sa
+
+from service.ingest import Ingestor
+from service.storage import FileStore, relative_path, sha256_file
+
+from .dicom_client import CT_SMALL, make_ct
+
+
+def _bytes(ds) -> bytes:
+    from io import BytesIO
+
+    out = BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+def test_relative_path_is_inside_the_root():
+    path = relative_path("1.2.3", "1.2.3.4", "1.2.3.4.5")
+    assert path.endswith("/1.2.3/1.2.3.4/1.2.3.4.5.dcm")
+    assert not path.startswith("/") and ".." not in path.split("/")
+
+
+def test_written_file_has_two_names_until_finished(tmp_path):
+    store = FileStore(tmp_path)
+    store.prepare()
+    pending = store.write("ab/1/2/3.dcm", b"payload")
+    assert os.path.samefile(pending.temp, pending.final)
+    store.finish_stored(pending)
+    assert not pending.temp.exists()
+    assert pending.final.read_bytes() == b"payload"
+
+
+def test_abandon_removes_both_names(tmp_path):
+    store = FileStore(tmp_path)
+    store.prepare()
+    pending = store.write("ab/1/2/3.dcm", b"payload")
+    store.abandon(pending)
+    assert not pending.temp.exists() and not pending.final.exists()
+
+
+def test_duplicate_never_overwrites_the_first_file(tmp_path):
+    store = FileStore(tmp_path)
+    store.prepare()
+    first = store.write("ab/1/2/3.dcm", b"first")
+    store.finish_stored(first)
+    second = store.write("ab/1/2/3.dcm", b"second")
+    assert second.replaced_existing
+    store.finish_duplicate(second)
+    assert first.final.read_bytes() == b"first"
+    assert list(store.incoming.iterdir()) == []
+
+
+def _leave_unfinished_store(storage: Path, data: bytes) -> None:
+    """A separate process writes and links a file, then dies before any commit."""
+    code = (
+        "import os, sys; from pathlib import Path\n"
+        "from service.storage import FileStore\n"
+        "from service.dicom_header import read_header\n"
+        "from service.storage import relative_path\n"
+        "data = sys.stdin.buffer.read(); h = read_header(data)\n"
+        "store = FileStore(Path(sys.argv[1])); store.prepare()\n"
+        "store.write(relative_path(h.study_instance_uid, h.series_instance_uid,"
+        " h.sop_instance_uid), data)\n"
+        "os._exit(0)\n"
+    )
+    subprocess.run([sys.executable, "-c", code, str(storage)], input=data, check=True,
+                   cwd=Path(__file__).resolve().parents[1])
+
+
+def test_startup_removes_files_of_stores_that_never_committed(tmp_path, engine):
+    storage = tmp_path / "storage"
+    _leave_unfinished_store(storage, _bytes(make_ct()))
+    assert len([p for p in storage.rglob("*") if p.is_file()]) == 2  # temp + final name
+    with Ingestor(engine, FileStore(storage)) as ingestor:
+        assert ingestor.store.pending_temps() == []
+    assert [p for p in storage.rglob("*") if p.is_file()] == []
+
+
+def test_startup_completes_stores_whose_row_committed(tmp_path, engine):
+    storage = tmp_path / "storage"
+    ds = make_ct()
+    data = _bytes(ds)
+    with Ingestor(engine, FileStore(storage)) as ingestor:
+        assert ingestor.ingest(data).result == "stored"
+    final = next(p for p in storage.rglob("*.dcm") if ".incoming" not in p.parts)
+    # the crash happened after COMMIT but before the temp name was dropped and,
+    # worse, before the final name reached the disk
+    temp = storage / ".incoming" / "999999.deadbeef.tmp"
+    os.link(final, temp)
+    final.unlink()
+    with Ingestor(engine, FileStore(storage)) as ingestor:
+        assert ingestor.store.pending_temps() == []
+    assert final.exists() and not temp.exists()
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT sha256 FROM instances")).scalar() == sha256_file(final)
+
+
+def test_another_live_process_temp_is_left_alone(tmp_path, engine):
+    storage = tmp_path / "storage"
+    FileStore(storage).prepare()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        temp = storage / ".incoming" / f"{sleeper.pid}.abcdef.tmp"
+        temp.write_bytes(Path(CT_SMALL).read_bytes())
+        with Ingestor(engine, FileStore(storage)):
+            pass
+        assert temp.exists()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    with Ingestor(engine, FileStore(storage)):
+        pass
+    assert not temp.exists()
