@@ -19,6 +19,7 @@ import socket
 import ssl
 import struct
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -469,6 +470,7 @@ class DicomServer:
         self.socket.listen(128)
         self.address = self.socket.getsockname()
         self._active = 0
+        self._connections: set[socket.socket] = set()
         self._lock = threading.Lock()
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
@@ -502,6 +504,7 @@ class DicomServer:
         with self._lock:
             busy = self._active >= self.config.max_associations
             self._active += 1
+            self._connections.add(conn)
         try:
             if self.ssl_context is not None:
                 try:
@@ -515,8 +518,14 @@ class DicomServer:
         finally:
             with self._lock:
                 self._active -= 1
+                self._connections.discard(conn)
 
-    def shutdown(self) -> None:
+    @property
+    def active_associations(self) -> int:
+        return self._active
+
+    def shutdown(self, grace: float = 30.0) -> None:
+        """Stop accepting; end open associations once their current store is answered."""
         self._stopped.set()
         try:
             self.socket.close()
@@ -524,3 +533,15 @@ class DicomServer:
             pass
         if self._thread is not None:
             self._thread.join(timeout=5)
+        with self._lock:
+            connections = list(self._connections)
+        for conn in connections:
+            try:
+                # reads end (the association's loop sees EOF); a store being handled
+                # still gets its answer sent
+                conn.shutdown(socket.SHUT_RD)
+            except OSError:
+                pass
+        deadline = time.monotonic() + grace
+        while self._active and time.monotonic() < deadline:
+            time.sleep(0.05)

@@ -25,7 +25,6 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
-from pydicom.tag import Tag
 
 # Values that do not follow their VR are indexed as read, not rejected: the
 # tag parsers count and report them.

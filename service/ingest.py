@@ -15,8 +15,8 @@ import os
 import queue
 import socket
 import threading
-import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FuturesTimeout
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -101,6 +101,17 @@ _INSERT_INSTANCES = sa.text(
         INSERT INTO work_queue (stage, sop_instance_uid)
         SELECT stage, inserted.sop_instance_uid
         FROM inserted CROSS JOIN unnest(CAST(:stages AS text[])) AS stage
+    ), counted AS (
+        INSERT INTO ingest_stats AS s (node, received, stored, duplicates, rejected,
+                                       bytes_stored)
+        VALUES (:node, :received, :stored, :duplicates, :rejected, :bytes_stored)
+        ON CONFLICT (node) DO UPDATE SET
+            received = s.received + EXCLUDED.received,
+            stored = s.stored + EXCLUDED.stored,
+            duplicates = s.duplicates + EXCLUDED.duplicates,
+            rejected = s.rejected + EXCLUDED.rejected,
+            bytes_stored = s.bytes_stored + EXCLUDED.bytes_stored,
+            updated_at = now()
     )
     SELECT sop_instance_uid FROM inserted
     """
@@ -231,7 +242,6 @@ class Ingestor:
         self._unresolved: list[PendingFile] = []
         self._thread: threading.Thread | None = None
         self._stopping = False
-        self._last_flush = 0.0
         self._conn: sa.Connection | None = None
         self._io_pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="file-write")
 
@@ -246,11 +256,19 @@ class Ingestor:
         return self
 
     def close(self) -> None:
+        self._stopping = True
         if self._thread is not None:
-            self._stopping = True
             self._queue.put(None)
             self._thread.join(timeout=30)
             self._thread = None
+        # stores that arrived after the committer stopped are answered with a failure
+        while True:
+            try:
+                record = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if record is not None and not record.future.done():
+                record.future.set_exception(RuntimeError("service is shutting down"))
         self._drop_connection()
         self._io_pool.shutdown(wait=True)
         try:
@@ -283,6 +301,9 @@ class Ingestor:
     ) -> StoreOutcome:
         """Store one DICOM Part 10 byte string; returns once it is durable (or rejected)."""
         self._count(received=1)
+        if self._stopping:
+            self._count(rejected=1)
+            return StoreOutcome(STATUS_OUT_OF_RESOURCES, "failed", None, "service is stopping")
         # the file is written and flushed while this thread reads the header
         temp_future = self._io_pool.submit(self.store.write_temp, encoded)
         try:
@@ -326,7 +347,7 @@ class Ingestor:
         )
         self._queue.put(record)
         try:
-            result = record.future.result()
+            result = self._wait(record)
         except Exception as exc:
             # the transaction may or may not have committed: the pending file is settled
             # against the database once it answers again (also at every start-up)
@@ -349,6 +370,15 @@ class Ingestor:
             # temp name is left, which start-up settles
             log.warning("could not finish file placement: %s", exc, extra={"sop_instance_uid": sop})
         return StoreOutcome(SUCCESS, result, sop)
+
+    def _wait(self, record: _Record) -> str:
+        while True:
+            try:
+                return record.future.result(timeout=1.0)
+            except FuturesTimeout:
+                thread = self._thread
+                if thread is None or not thread.is_alive():
+                    raise RuntimeError("the committer has stopped") from None
 
     def _discard(self, temp_future: Future) -> None:
         try:
@@ -426,13 +456,21 @@ class Ingestor:
         records = list(unique.values())
         conn = self._connection()
         try:
-            with conn.begin():
-                patients = self._ensure_patients(conn, records)
-                new_studies = self._ensure_studies(conn, records, patients)
-                new_series = self._ensure_series(conn, records)
+            if self._parents_known(records):
+                # the common case: one statement, committed on its own (one round trip)
+                patients, new_studies, new_series = {}, [], []
                 inserted = self._insert_instances(conn, records)
-                if time.monotonic() - self._last_flush >= self.stats_interval:
-                    self._flush_stats(conn)
+            else:
+                conn.exec_driver_sql("BEGIN")
+                try:
+                    patients = self._ensure_patients(conn, records)
+                    new_studies = self._ensure_studies(conn, records, patients)
+                    new_series = self._ensure_series(conn, records)
+                    inserted = self._insert_instances(conn, records)
+                except BaseException:
+                    conn.exec_driver_sql("ROLLBACK")
+                    raise
+                conn.exec_driver_sql("COMMIT")
         except BaseException as exc:
             if _is_connection_error(exc):
                 self._drop_connection()
@@ -443,11 +481,21 @@ class Ingestor:
             results[id(record)] = "stored" if sop in inserted else "duplicate"
         return results
 
+    def _parents_known(self, records: list[_Record]) -> bool:
+        cache = self._cache
+        return all(r.header.series_instance_uid in cache.series
+                   and r.header.study_instance_uid in cache.studies
+                   and r.patient_key in cache.patients for r in records)
+
     def _connection(self) -> sa.Connection:
-        """The committer's own connection, kept open between batches."""
+        """The committer's own autocommit connection, kept open between batches.
+
+        Autocommit lets the common batch be one statement that commits itself; batches
+        that must also create patients, studies or series open a transaction.
+        """
         if self._conn is None or self._conn.closed or self._conn.invalidated:
             self._drop_connection()
-            self._conn = self.engine.connect()
+            self._conn = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
         return self._conn
 
     def _drop_connection(self) -> None:
@@ -542,33 +590,42 @@ class Ingestor:
                 "calling": r.calling_ae, "called": r.called_ae, "path": r.relative,
                 "size": r.size, "sha256": r.sha256, "tags": h.tags,
             })
-        result = conn.execute(_INSERT_INSTANCES, {
-            "rows": json.dumps(rows, ensure_ascii=False, separators=(",", ":")),
-            "stages": self.stages,
-        })
-        return {row[0] for row in result}
+        deltas = self._take_unflushed()
+        try:
+            result = conn.execute(_INSERT_INSTANCES, {
+                "rows": json.dumps(rows, ensure_ascii=False, separators=(",", ":")),
+                "stages": self.stages,
+                "node": self.node,
+                **deltas.as_dict(),
+            })
+            inserted = {row[0] for row in result}
+        except BaseException:
+            self._restore_unflushed(deltas)
+            raise
+        return inserted
 
     # -- counters and recovery
 
-    def _flush_stats(self, conn: sa.Connection | None = None) -> None:
+    def _take_unflushed(self) -> Counters:
         with self._lock:
-            deltas = self._unflushed
-            self._unflushed = Counters()
-        if not any(deltas.as_dict().values()):
-            self._last_flush = time.monotonic()
-            return
-        try:
-            if conn is None:
-                with self.engine.begin() as own:
-                    own.execute(_UPSERT_STATS, {"node": self.node, **deltas.as_dict()})
-            else:
-                conn.execute(_UPSERT_STATS, {"node": self.node, **deltas.as_dict()})
-        except BaseException:
-            with self._lock:  # keep them for the next flush
-                for name, value in deltas.as_dict().items():
-                    setattr(self._unflushed, name, getattr(self._unflushed, name) + value)
-            raise
-        self._last_flush = time.monotonic()
+            deltas, self._unflushed = self._unflushed, Counters()
+        return deltas
+
+    def _restore_unflushed(self, deltas: Counters) -> None:
+        with self._lock:
+            for name, value in deltas.as_dict().items():
+                setattr(self._unflushed, name, getattr(self._unflushed, name) + value)
+
+    def _flush_stats(self) -> None:
+        """Counters not yet written with a batch (rejections, the last stores) go in now."""
+        deltas = self._take_unflushed()
+        if any(deltas.as_dict().values()):
+            try:
+                with self.engine.begin() as conn:
+                    conn.execute(_UPSERT_STATS, {"node": self.node, **deltas.as_dict()})
+            except BaseException:
+                self._restore_unflushed(deltas)
+                raise
 
     def _committed_hashes(self, paths: Iterable[str]) -> dict[str, str]:
         with self.engine.connect() as conn:

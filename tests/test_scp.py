@@ -9,7 +9,6 @@ import threading
 
 import pydicom
 import pytest
-from pynetdicom.sop_class import CTImageStorage
 
 from service.dicom_header import (
     STATUS_DATASET_MISMATCH,

@@ -92,6 +92,16 @@ def upgrade() -> None:
         _ts("received_at", nullable=False, server_default=now),
         sa.Column("tags", JSONB, nullable=False),
     )
+    # lz4 compresses the tags several times faster than the default pglz; servers built
+    # without lz4 (the embedded pgserver build) keep pglz
+    op.execute(
+        """
+        DO $$ BEGIN
+            ALTER TABLE instances ALTER COLUMN tags SET COMPRESSION lz4;
+        EXCEPTION WHEN feature_not_supported THEN NULL;
+        END $$
+        """
+    )
     op.create_index("ix_instances_series_instance_uid", "instances", ["series_instance_uid"])
     op.create_index("ix_instances_study_instance_uid", "instances", ["study_instance_uid"])
     op.create_index("ix_instances_sop_class_uid", "instances", ["sop_class_uid"])
