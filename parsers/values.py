@@ -22,6 +22,7 @@ T = TypeVar("T")
 MAX_VALUES = 64  # longer lists are not image-plane or timing values; refusing them bounds the work
 MAX_CODE_LENGTH = 64  # CS is 16, LO 64: longer "codes" are free text pasted into the wrong tag
 MAX_AGE_YEARS = 150.0
+UID_PATTERN = re.compile(r"[0-9]+(\.[0-9]+)*")
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +126,8 @@ def clean_codes(raw: Any) -> Parsed[tuple[str, ...]]:
         return MISSING
     if isinstance(raw, dict):
         return reject("binary or structured value where text was expected")
+    if not _is_multivalue(raw):
+        raw = [raw]
     out: list[str] = []
     for item in _listify(raw)[:MAX_VALUES]:
         parsed = clean_code(item)
@@ -139,7 +142,7 @@ def clean_codes(raw: Any) -> Parsed[tuple[str, ...]]:
 
 # A decimal number (point or comma), optionally followed by a unit: "5 mm", "3.0mm", "1,5".
 _NUMBER_WITH_UNIT = re.compile(
-    r"(?P<number>[+-]?(?:\d+(?:[.,]\d*)?|[.,]\d+)(?:[eE][+-]?\d+)?)\s*(?P<unit>[^\W\d_]{0,12}%?|%)\.?"
+    r"(?P<number>[+-]?(?:\d+(?:[.,]\d*)?|[.,]\d+)(?:[eE][+-]?\d+)?)\s*(?P<unit>(?:[^\W\d_]|[°%²/]){0,12})\.?"
 )
 _NOT_FINITE = {"nan", "+nan", "-nan", "inf", "+inf", "-inf", "infinity", "+infinity", "-infinity"}
 

@@ -43,27 +43,81 @@ def _open(settings: Settings, *, migrate: bool = True):
     return context, database
 
 
+def _vocabulary(settings: Settings):
+    from parsers import load_vocabulary
+
+    return load_vocabulary(settings.site_vocabulary)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
+    from .features import TagsWorker
     from .ingest import Ingestor
     from .scp import serve_forever
     from .storage import FileStore
 
     settings = _settings(args)
+    vocabulary = _vocabulary(settings)
+    context, database = _open(settings)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    worker = None
+    try:
+        ingestor = Ingestor(database.engine, FileStore(settings.storage_path),
+                            stages=settings.queue_stages, batch_max=settings.commit_batch_max)
+        ingestor.start()  # settles what a previous run left unfinished
+        if settings.tags_worker and "tags" in settings.queue_stages:
+            worker = TagsWorker(database.engine, name=f"{ingestor.node}/tags",
+                                vocabulary=vocabulary).start()
+        try:
+            serve_forever(settings, database.url, ingestor, stop)
+        finally:
+            if worker is not None:
+                worker.stop()
+            ingestor.close()
+    finally:
+        context.__exit__(None, None, None)
+    log.info("stopped")
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    import os
+    import socket
+
+    from .features import TagsWorker
+
+    settings = _settings(args)
+    vocabulary = _vocabulary(settings)
     context, database = _open(settings)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     try:
-        ingestor = Ingestor(database.engine, FileStore(settings.storage_path),
-                            stages=settings.queue_stages, batch_max=settings.commit_batch_max)
-        ingestor.start()  # settles what a previous run left unfinished
-        try:
-            serve_forever(settings, database.url, ingestor, stop)
-        finally:
-            ingestor.close()
+        worker = TagsWorker(database.engine, name=f"{socket.gethostname()}:{os.getpid()}/tags",
+                            vocabulary=vocabulary, batch=args.batch).start()
+        log.info("tags worker running")
+        stop.wait()
+        worker.stop()
     finally:
         context.__exit__(None, None, None)
-    log.info("stopped")
+    return 0
+
+
+def cmd_reparse(args: argparse.Namespace) -> int:
+    from parsers import PARSER_VERSION
+
+    from .features import reparse
+
+    settings = _settings(args)
+    vocabulary = _vocabulary(settings)
+    context, database = _open(settings)
+    try:
+        done = reparse(database.engine, vocabulary=vocabulary, chunk=args.chunk,
+                       progress=None if args.quiet else sys.stderr)
+    finally:
+        context.__exit__(None, None, None)
+    print(f"{done} instances parsed with parser version {PARSER_VERSION}")
     return 0
 
 
@@ -173,6 +227,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("migrate", parents=[common], help="apply database migrations").set_defaults(
         func=cmd_migrate)
 
+    worker = sub.add_parser("worker", parents=[common],
+                            help="parse tags of new instances into instance_features "
+                                 "(serve runs one too unless PACS_TAGS_WORKER=false)")
+    worker.add_argument("--batch", type=int, default=200)
+    worker.set_defaults(func=cmd_worker)
+
+    reparse = sub.add_parser("reparse", parents=[common],
+                             help="re-parse the archive's tags after a parser or vocabulary "
+                                  "change (resumable)")
+    reparse.add_argument("--chunk", type=int, default=1000)
+    reparse.add_argument("--quiet", action="store_true", help="no progress line")
+    reparse.set_defaults(func=cmd_reparse)
+
     imp = sub.add_parser("import", parents=[common], help="backfill DICOM files from a folder")
     imp.add_argument("directory")
     imp.add_argument("--threads", type=int, default=8)
@@ -199,6 +266,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from .logs import setup_logging
 
+    from parsers import VocabularyError
+
     try:
         settings = _settings(args)
     except ConfigError as exc:
@@ -207,7 +276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(settings)
     try:
         return args.func(args)
-    except ConfigError as exc:
+    except (ConfigError, VocabularyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -42,6 +42,8 @@ class Settings:
     processes: int = field(default_factory=lambda: os.cpu_count() or 1)
     commit_batch_max: int = 128
     queue_stages: tuple[str, ...] = ("tags",)
+    tags_worker: bool = True
+    site_vocabulary: Path | None = None
     log_level: str = "INFO"
     log_format: str = "json"
     network_timeout: float = 60.0
@@ -91,6 +93,8 @@ ENV_VARS: dict[str, str] = {
     "PACS_PROCESSES": "processes",
     "PACS_COMMIT_BATCH_MAX": "commit_batch_max",
     "PACS_QUEUE_STAGES": "queue_stages",
+    "PACS_TAGS_WORKER": "tags_worker",
+    "PACS_SITE_VOCABULARY": "site_vocabulary",
     "PACS_LOG_LEVEL": "log_level",
     "PACS_LOG_FORMAT": "log_format",
     "PACS_NETWORK_TIMEOUT": "network_timeout",
@@ -104,6 +108,13 @@ _FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
 def _coerce(name: str, value: Any) -> Any:
     kind = _FIELDS[name].type
     try:
+        if kind == "bool":
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                raise ValueError("expected true or false")
+            return text in ("1", "true", "yes", "on")
         if kind in ("int",):
             return int(value)
         if kind in ("float",):

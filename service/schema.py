@@ -10,6 +10,7 @@ from sqlalchemy import (
     BigInteger,
     Column,
     Date,
+    Float,
     ForeignKey,
     Identity,
     Index,
@@ -146,4 +147,28 @@ ingest_stats = Table(
     Column("bytes_stored", BigInteger, nullable=False, server_default="0"),
     _ts("started_at", nullable=False, server_default=NOW),
     _ts("updated_at", nullable=False, server_default=NOW),
+)
+
+
+def _feature_columns() -> list[Column]:
+    from parsers import FEATURE_COLUMNS
+
+    return [Column(c.name, Float if c.kind == "numeric" else Text) for c in FEATURE_COLUMNS]
+
+
+instance_features = Table(
+    "instance_features",
+    metadata,
+    Column(
+        "sop_instance_uid",
+        Text,
+        ForeignKey("instances.sop_instance_uid", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    Column("parser_version", Text, nullable=False),
+    _ts("parsed_at", nullable=False, server_default=NOW),
+    *_feature_columns(),
+    Column("parse_failures", JSONB, nullable=False, server_default="[]"),
+    *[Index(f"ix_instance_features_{c}", c) for c in
+      ("modality", "body_part", "body_part_inferred", "plane", "manufacturer", "parser_version")],
 )

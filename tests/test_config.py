@@ -49,3 +49,12 @@ def test_urls():
     assert sqlalchemy_url("postgresql://h/db") == "postgresql+psycopg://h/db"
     assert sqlalchemy_url("postgres://h/db") == "postgresql+psycopg://h/db"
     assert "secret" not in redact("postgresql://u:secret@h/db")
+
+
+def test_booleans_and_paths_from_the_environment(tmp_path):
+    settings = load_settings(environ={"PACS_TAGS_WORKER": "false",
+                                      "PACS_SITE_VOCABULARY": str(tmp_path / "v.toml")})
+    assert settings.tags_worker is False
+    assert settings.site_vocabulary == tmp_path / "v.toml"
+    with pytest.raises(ConfigError, match="tags_worker"):
+        load_settings(environ={"PACS_TAGS_WORKER": "maybe"})

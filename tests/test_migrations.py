@@ -16,8 +16,24 @@ def test_migrated_schema_matches_the_table_definitions(engine):
     assert differences == []
 
 
+def _head() -> str:
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory.from_config(alembic_config()).get_current_head()
+
+
 def test_downgrade_and_upgrade_again(engine):
     with engine.begin() as conn:
         command.downgrade(alembic_config(conn), "base")
-    assert migrate(engine) == "0001"
-    assert migrate(engine) == "0001"  # idempotent
+    assert migrate(engine) == _head()
+    assert migrate(engine) == _head()  # idempotent
+
+
+def test_every_revision_downgrades_one_step_and_back(engine):
+    from alembic.script import ScriptDirectory
+
+    revisions = [r.revision for r in ScriptDirectory.from_config(alembic_config()).walk_revisions()]
+    for revision in revisions:
+        with engine.begin() as conn:
+            command.downgrade(alembic_config(conn), "-1")
+        assert migrate(engine) == _head(), revision

@@ -1,0 +1,174 @@
+"""Parsed tag features in SQL: the ``tags`` queue stage, and ``reparse`` for the archive.
+
+The parsing itself is pure (``parsers.parse_instance``); this module moves tags out of
+``instances.tags`` and features into ``instance_features``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import threading
+import time
+from typing import Any, Iterable, TextIO
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from parsers import FEATURE_COLUMNS, PARSER_VERSION, Vocabulary, parse_instance
+
+from . import work_queue
+
+log = logging.getLogger(__name__)
+
+STAGE = "tags"
+
+
+def _sql_type(kind: str) -> str:
+    return "double precision" if kind == "numeric" else "text"
+
+
+_NAMES = [c.name for c in FEATURE_COLUMNS]
+_UPSERT = sa.text(
+    "INSERT INTO instance_features (sop_instance_uid, parser_version, parsed_at, "
+    + ", ".join(f'"{n}"' for n in _NAMES) + ", parse_failures) "
+    "SELECT r.sop_instance_uid, r.parser_version, now(), "
+    + ", ".join(f'r."{n}"' for n in _NAMES) + ", r.parse_failures "
+    "FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS r(sop_instance_uid text, "
+    "parser_version text, "
+    + ", ".join(f'"{c.name}" {_sql_type(c.kind)}' for c in FEATURE_COLUMNS)
+    + ", parse_failures jsonb) "
+    "ON CONFLICT (sop_instance_uid) DO UPDATE SET parser_version = EXCLUDED.parser_version, "
+    "parsed_at = EXCLUDED.parsed_at, "
+    + ", ".join(f'"{n}" = EXCLUDED."{n}"' for n in _NAMES)
+    + ", parse_failures = EXCLUDED.parse_failures"
+)
+_TAGS = sa.text(
+    "SELECT sop_instance_uid, tags FROM instances "
+    "WHERE sop_instance_uid = ANY(CAST(:uids AS text[]))"
+)
+_STALE = sa.text(
+    """
+    SELECT i.sop_instance_uid, i.tags FROM instances i
+    LEFT JOIN instance_features f USING (sop_instance_uid)
+    WHERE f.parser_version IS DISTINCT FROM :version AND i.sop_instance_uid > :after
+    ORDER BY i.sop_instance_uid LIMIT :limit
+    """
+)
+_COUNT_STALE = sa.text(
+    """
+    SELECT count(*) FROM instances i LEFT JOIN instance_features f USING (sop_instance_uid)
+    WHERE f.parser_version IS DISTINCT FROM :version
+    """
+)
+
+
+def feature_rows(items: Iterable[tuple[str, dict[str, Any]]],
+                 vocabulary: Vocabulary | None) -> list[dict[str, Any]]:
+    rows = []
+    for sop_instance_uid, tags in items:
+        result = parse_instance(tags or {}, vocabulary)
+        row: dict[str, Any] = dict(result.features)
+        row["sop_instance_uid"] = sop_instance_uid
+        row["parser_version"] = PARSER_VERSION
+        row["parse_failures"] = [
+            {"keyword": f.keyword, "column": f.column, "raw": f.raw, "reason": f.reason}
+            for f in result.failures
+        ]
+        rows.append(row)
+    return rows
+
+
+def write_features(conn: sa.Connection, rows: list[dict[str, Any]]) -> None:
+    if rows:
+        conn.execute(_UPSERT, {"rows": json.dumps(rows, ensure_ascii=False, allow_nan=False,
+                                                  separators=(",", ":"))})
+
+
+def process_queue_batch(engine: Engine, worker: str, *, limit: int = 200,
+                        vocabulary: Vocabulary | None = None) -> int:
+    """Parse one claimed batch of the ``tags`` stage; returns how many were claimed."""
+    claims = work_queue.claim(engine, STAGE, worker, limit)
+    if not claims:
+        return 0
+    try:
+        with engine.begin() as conn:
+            tags = dict(conn.execute(_TAGS, {"uids": [c.sop_instance_uid for c in claims]}).all())
+            write_features(conn, feature_rows(tags.items(), vocabulary))
+    except Exception as exc:
+        # parsing is total, so this is the database or a bug: retry each item later
+        log.exception("tag parsing batch failed")
+        for claim in claims:
+            work_queue.fail(engine, claim.id, f"{type(exc).__name__}: {exc}")
+        return len(claims)
+    work_queue.complete(engine, [c.id for c in claims])
+    return len(claims)
+
+
+class TagsWorker:
+    """Background thread that keeps ``instance_features`` up to date as instances arrive."""
+
+    def __init__(self, engine: Engine, *, name: str, vocabulary: Vocabulary | None = None,
+                 batch: int = 200, idle_sleep: float = 0.5, stale_after: float = 600.0):
+        self.engine = engine
+        self.name = name
+        self.vocabulary = vocabulary
+        self.batch = batch
+        self.idle_sleep = idle_sleep
+        self.stale_after = stale_after
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> "TagsWorker":
+        self._thread = threading.Thread(target=self.run, name="tags-worker", daemon=True)
+        self._thread.start()
+        return self
+
+    def run(self) -> None:
+        last_sweep = 0.0
+        while not self._stop.is_set():
+            try:
+                if time.monotonic() - last_sweep > self.stale_after:
+                    work_queue.release_stale(self.engine, STAGE, self.stale_after)
+                    last_sweep = time.monotonic()
+                done = process_queue_batch(self.engine, self.name, limit=self.batch,
+                                           vocabulary=self.vocabulary)
+            except sa.exc.DBAPIError as exc:
+                log.warning("tags worker waiting for the database: %s", exc.orig)
+                done = 0
+            if not done:
+                self._stop.wait(self.idle_sleep)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+
+def reparse(engine: Engine, *, vocabulary: Vocabulary | None = None, chunk: int = 1000,
+            progress: TextIO | None = sys.stderr) -> int:
+    """Re-parse every instance whose features are missing or from another parser version.
+
+    Resumable: an interrupted run leaves the finished chunks at the current version and the
+    next run starts with what is left.
+    """
+    with engine.connect() as conn:
+        total = conn.execute(_COUNT_STALE, {"version": PARSER_VERSION}).scalar() or 0
+    done, after, started = 0, "", time.monotonic()
+    while True:
+        with engine.begin() as conn:
+            items = conn.execute(_STALE, {"version": PARSER_VERSION, "after": after,
+                                          "limit": chunk}).all()
+            if not items:
+                break
+            write_features(conn, feature_rows(items, vocabulary))
+        after = items[-1][0]
+        done += len(items)
+        if progress is not None and total:
+            rate = done / max(time.monotonic() - started, 1e-9)
+            print(f"\rreparse: {done:,}/{total:,} ({100 * done / total:.0f}%), {rate:,.0f}/s",
+                  end="", file=progress, flush=True)
+    if progress is not None and total:
+        print("", file=progress)
+    return done

@@ -1,0 +1,85 @@
+"""Features reach SQL for every ingested instance: through the queue, and by reparse."""
+
+from __future__ import annotations
+
+import time
+from io import BytesIO
+
+import sqlalchemy as sa
+
+from parsers import FEATURE_COLUMNS, PARSER_VERSION
+from service import features
+from service.ingest import Ingestor
+from service.storage import FileStore
+
+from .dicom_client import associate, make_ct
+
+
+def _store(engine, tmp_path, datasets) -> None:
+    with Ingestor(engine, FileStore(tmp_path / "storage")) as ingestor:
+        for ds in datasets:
+            buffer = BytesIO()
+            ds.save_as(buffer, enforce_file_format=True)
+            assert ingestor.ingest(buffer.getvalue()).result == "stored"
+
+
+def test_queue_batch_fills_the_feature_table(engine, tmp_path):
+    ds = make_ct()
+    ds.BodyPartExamined = "T SPINE"
+    _store(engine, tmp_path, [ds, make_ct()])
+    assert features.process_queue_batch(engine, "test") == 2
+    assert features.process_queue_batch(engine, "test") == 0
+    with engine.connect() as conn:
+        row = conn.execute(sa.text(
+            "SELECT * FROM instance_features WHERE sop_instance_uid = :s"),
+            {"s": ds.SOPInstanceUID}).mappings().one()
+        queue = dict(conn.execute(sa.text(
+            "SELECT status, count(*) FROM work_queue GROUP BY status")).all())
+        filtered = conn.execute(sa.text(
+            "SELECT count(*) FROM instance_features "
+            "WHERE body_part = 'TSPINE' AND slice_thickness < 6")).scalar()
+    assert row["parser_version"] == PARSER_VERSION
+    assert row["modality"] == "CT"
+    assert row["body_part"] == "TSPINE" and row["body_part_source"] == "stored"
+    assert abs(row["pixel_spacing_row"] - 0.661468) < 1e-9
+    assert row["plane"] == "AXIAL"
+    assert queue == {"done": 2}
+    assert filtered == 1
+
+
+def test_serve_gives_a_new_instance_its_features_within_seconds(service):
+    worker = features.TagsWorker(service.engine, name="test", idle_sleep=0.1).start()
+    try:
+        ds = make_ct()
+        assoc = associate(service.port)
+        assert assoc.send_c_store(ds).Status == 0
+        assoc.release()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if service.scalar("SELECT count(*) FROM instance_features") == 1:
+                break
+            time.sleep(0.05)
+        assert service.scalar("SELECT modality FROM instance_features") == "CT"
+    finally:
+        worker.stop()
+
+
+def test_reparse_rebuilds_stale_versions_and_is_resumable(engine, tmp_path):
+    _store(engine, tmp_path, [make_ct() for _ in range(5)])
+    assert features.reparse(engine, chunk=2, progress=None) == 5
+    assert features.reparse(engine, chunk=2, progress=None) == 0  # nothing stale
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE instance_features SET parser_version = 'old', "
+                             "modality = NULL WHERE sop_instance_uid IN "
+                             "(SELECT sop_instance_uid FROM instance_features LIMIT 3)"))
+    assert features.reparse(engine, chunk=2, progress=None) == 3
+    with engine.connect() as conn:
+        versions = conn.execute(sa.text(
+            "SELECT DISTINCT parser_version, modality FROM instance_features")).all()
+    assert versions == [(PARSER_VERSION, "CT")]
+
+
+def test_feature_table_has_one_column_per_parsed_feature(engine):
+    inspector = sa.inspect(engine)
+    columns = {c["name"] for c in inspector.get_columns("instance_features")}
+    assert {c.name for c in FEATURE_COLUMNS} <= columns
