@@ -18,7 +18,6 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FuturesTimeout
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import sqlalchemy as sa
@@ -201,16 +200,6 @@ class _KeyCache:
         self.series.update(series)
 
 
-def _locate(temp: Path) -> str | None:
-    """The final relative path of a leftover temp file, from its own header."""
-    try:
-        header = read_header(temp.read_bytes())
-    except (InvalidInstance, OSError):
-        return None
-    return relative_path(header.study_instance_uid, header.series_instance_uid,
-                         header.sop_instance_uid)
-
-
 # ---------------------------------------------------------------- ingestor
 
 
@@ -304,7 +293,7 @@ class Ingestor:
         if self._stopping:
             self._count(rejected=1)
             return StoreOutcome(STATUS_OUT_OF_RESOURCES, "failed", None, "service is stopping")
-        # the file is written and flushed while this thread reads the header
+        # the file is written while this thread reads the header
         temp_future = self._io_pool.submit(self.store.write_temp, encoded)
         try:
             header = read_header(encoded)
@@ -633,7 +622,7 @@ class Ingestor:
 
     def resolve_pending(self) -> dict[str, int]:
         """Settle files of unfinished stores (crash, lost database) against committed rows."""
-        counts = self.store.resolve_pending(self._committed_hashes, _locate)
+        counts = self.store.resolve_pending(self._committed_hashes)
         if counts["kept"] or counts["removed"]:
             log.info("settled unfinished stores", extra=counts)
         return counts
@@ -644,7 +633,7 @@ class Ingestor:
         if not pending:
             return
         try:
-            self.store.resolve_pending(self._committed_hashes, _locate,
+            self.store.resolve_pending(self._committed_hashes,
                                        [p.temp for p in pending if p.temp.exists()])
         except BaseException:
             with self._lock:

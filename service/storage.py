@@ -2,26 +2,29 @@
 
 Protocol for one instance (see docs/ingest.md, "Durability"):
 
-1. write the bytes to ``.incoming/<pid>.<nonce>.tmp`` and fdatasync it;
-2. hard-link it to its final path ``<h2>/<study>/<series>/<sop>.dcm`` and fsync both
-   directories;
+1. write the bytes to ``.incoming/<pid>.<nonce>.tmp``;
+2. rename it to ``.incoming/<final path, "/" as "+">.<pid>.<nonce>.tmp``, hard-link it to
+   its final path ``<h2>/<study>/<series>/<sop>.dcm``, then ``fdatasync`` it and fsync
+   both directories;
 3. commit the row in PostgreSQL (the caller);
 4. unlink the temp name.
 
 Until step 4 the temp name is the record of an unfinished store.  A crash at
 any point leaves at most that temp file (and its second name, the same inode);
 :meth:`FileStore.resolve_pending` settles it against the database, finding the
-final name from the file's own header: row present with this content -> drop
-the temp name; no row -> remove both names.
+final name in the temp file's name: row present with this content -> drop the
+temp name; no row -> remove both names.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import hashlib
 import logging
 import os
 import secrets
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
@@ -29,6 +32,7 @@ from typing import Callable, Iterable, Mapping
 log = logging.getLogger(__name__)
 
 INCOMING = ".incoming"
+_SEP = "+"  # stands for "/" in a temp file's name; never occurs in a relative path
 
 
 def relative_path(study_uid: str, series_uid: str, sop_uid: str) -> str:
@@ -39,6 +43,30 @@ def relative_path(study_uid: str, series_uid: str, sop_uid: str) -> str:
     """
     bucket = hashlib.blake2b(study_uid.encode(), digest_size=1).hexdigest()
     return f"{bucket}/{study_uid}/{series_uid}/{sop_uid}.dcm"
+
+
+def _load_sync_file_range():
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        function = libc.sync_file_range
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    return function
+
+
+_sync_file_range = _load_sync_file_range() if sys.platform.startswith("linux") else None
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _start_writeback(fd: int) -> None:
+    """Let the disk start on the data now; the fdatasync in ``place`` then waits less.
+
+    Only a hint (Linux ``sync_file_range(SYNC_FILE_RANGE_WRITE)``): durability still
+    comes from ``fdatasync``.
+    """
+    if _sync_file_range is not None:
+        _sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -84,7 +112,7 @@ class FileStore:
         self._known_dirs.add(directory)
 
     def write_temp(self, data: bytes | memoryview) -> Path:
-        """Step 1: the bytes in a new temp file, flushed to disk."""
+        """Step 1: the bytes in a new temp file (flushed in :meth:`place`)."""
         temp = self.incoming / f"{os.getpid()}.{secrets.token_hex(6)}.tmp"
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
         try:
@@ -92,7 +120,7 @@ class FileStore:
             while view:
                 written = os.write(fd, view)
                 view = view[written:]
-            os.fdatasync(fd)
+            _start_writeback(fd)
         except BaseException:
             os.close(fd)
             _unlink_quietly(temp)
@@ -101,22 +129,37 @@ class FileStore:
         return temp
 
     def place(self, temp: Path, relative: str) -> PendingFile:
-        """Step 2: the temp file also under its final name (unless that name is taken)."""
+        """Step 2: name the temp file after its destination, link it there, flush it all.
+
+        The renames and the link come before the one ``fdatasync``, so the file system
+        commits its journal once for all of them instead of once per step.
+        """
         final = self.root / relative
+        named = self.incoming / f"{relative.replace('/', _SEP)}.{temp.name}"
+        try:
+            os.rename(temp, named)
+        except BaseException:
+            _unlink_quietly(temp)
+            raise
         try:
             self._ensure_dir(final.parent)
             try:
-                os.link(temp, final)
+                os.link(named, final)
                 replaced = False
             except FileExistsError:
                 replaced = True  # a duplicate, or a stale file: decided after the insert
+            fd = os.open(named, os.O_RDONLY)
+            try:
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
             _fsync_dir(final.parent)
             _fsync_dir(self.incoming)
         except BaseException:
-            self._remove_if_ours(temp, final)
-            _unlink_quietly(temp)
+            self._remove_if_ours(named, final)
+            _unlink_quietly(named)
             raise
-        return PendingFile(temp, final, relative, replaced)
+        return PendingFile(named, final, relative, replaced)
 
     def write(self, relative: str, data: bytes | memoryview) -> PendingFile:
         """Steps 1-2 in one call."""
@@ -162,20 +205,19 @@ class FileStore:
     def resolve_pending(
         self,
         committed_hashes: Callable[[Iterable[str]], Mapping[str, str]],
-        locate: Callable[[Path], str | None],
         temps: list[Path] | None = None,
     ) -> dict[str, int]:
         """Settle unfinished stores against the database (start-up, and after DB errors).
 
-        ``locate`` gives a temp file's relative final path (from its header), or
-        None when it cannot be read; ``committed_hashes`` maps relative paths to
-        the sha256 of their committed rows, for those that have one.
+        ``committed_hashes`` maps relative paths to the sha256 of their committed rows,
+        for those that have one.  A temp file not yet named after its destination was
+        never linked anywhere and is simply removed.
         """
         temps = self.pending_temps() if temps is None else temps
         # another live process's temp is a store in flight, not a leftover
         temps = [t for t in temps if not _owned_by_other_live_process(t)]
         counts = {"kept": 0, "removed": 0}
-        located: dict[Path, str | None] = {temp: locate(temp) for temp in temps}
+        located = {temp: _destination(temp) for temp in temps}
         hashes = committed_hashes(sorted({r for r in located.values() if r}))
         for temp, relative in located.items():
             final = self.root / relative if relative else None
@@ -202,9 +244,20 @@ class FileStore:
         return counts
 
 
+def _destination(temp: Path) -> str | None:
+    """The relative final path encoded in a placed temp file's name, if it has one."""
+    parts = temp.name.rsplit(".", 3)  # <encoded path>.<pid>.<nonce>.tmp
+    if len(parts) != 4 or _SEP not in parts[0]:
+        return None
+    relative = parts[0].replace(_SEP, "/")
+    if relative.startswith("/") or ".." in relative.split("/"):
+        return None
+    return relative
+
+
 def _owned_by_other_live_process(temp: Path) -> bool:
     try:
-        pid = int(temp.name.split(".", 1)[0])
+        pid = int(temp.name.rsplit(".", 3)[-3])
     except (IndexError, ValueError):
         return False
     if pid == os.getpid():

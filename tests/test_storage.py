@@ -76,6 +76,17 @@ def _leave_unfinished_store(storage: Path, data: bytes) -> None:
                    cwd=Path(__file__).resolve().parents[1])
 
 
+def test_temp_written_but_never_placed_is_removed(tmp_path, engine):
+    storage = tmp_path / "storage"
+    store = FileStore(storage)
+    store.prepare()
+    temp = store.incoming / "999999.0badc0ffee.tmp"
+    temp.write_bytes(b"half an instance")
+    with Ingestor(engine, FileStore(storage)):
+        pass
+    assert not temp.exists()
+
+
 def test_startup_removes_files_of_stores_that_never_committed(tmp_path, engine):
     storage = tmp_path / "storage"
     _leave_unfinished_store(storage, _bytes(make_ct()))
@@ -94,7 +105,8 @@ def test_startup_completes_stores_whose_row_committed(tmp_path, engine):
     final = next(p for p in storage.rglob("*.dcm") if ".incoming" not in p.parts)
     # the crash happened after COMMIT but before the temp name was dropped and,
     # worse, before the final name reached the disk
-    temp = storage / ".incoming" / "999999.deadbeef.tmp"
+    relative = final.relative_to(storage).as_posix()
+    temp = storage / ".incoming" / f"{relative.replace('/', '+')}.999999.deadbeef.tmp"
     os.link(final, temp)
     final.unlink()
     with Ingestor(engine, FileStore(storage)) as ingestor:
