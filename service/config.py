@@ -44,6 +44,9 @@ class Settings:
     queue_stages: tuple[str, ...] = ("tags",)
     tags_worker: bool = True
     site_vocabulary: Path | None = None
+    tls_certificate: Path | None = None
+    tls_private_key: Path | None = None
+    tls_client_ca: Path | None = None
     log_level: str = "INFO"
     log_format: str = "json"
     network_timeout: float = 60.0
@@ -74,6 +77,10 @@ class Settings:
             raise ConfigError("processes must be at least 1")
         if self.commit_batch_max < 1:
             raise ConfigError("commit_batch_max must be at least 1")
+        if (self.tls_certificate is None) != (self.tls_private_key is None):
+            raise ConfigError("tls_certificate and tls_private_key go together")
+        if self.tls_client_ca is not None and self.tls_certificate is None:
+            raise ConfigError("tls_client_ca needs tls_certificate and tls_private_key")
         if self.log_format not in ("json", "text"):
             raise ConfigError("log_format must be 'json' or 'text'")
         return self
@@ -95,6 +102,9 @@ ENV_VARS: dict[str, str] = {
     "PACS_QUEUE_STAGES": "queue_stages",
     "PACS_TAGS_WORKER": "tags_worker",
     "PACS_SITE_VOCABULARY": "site_vocabulary",
+    "PACS_TLS_CERTIFICATE": "tls_certificate",
+    "PACS_TLS_PRIVATE_KEY": "tls_private_key",
+    "PACS_TLS_CLIENT_CA": "tls_client_ca",
     "PACS_LOG_LEVEL": "log_level",
     "PACS_LOG_FORMAT": "log_format",
     "PACS_NETWORK_TIMEOUT": "network_timeout",

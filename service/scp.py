@@ -6,11 +6,12 @@ import logging
 import multiprocessing
 import os
 import signal
+import ssl
 import threading
 from typing import Any
 
 from .acceptor import AcceptorConfig, DicomServer, StoreRequest
-from .config import Settings
+from .config import ConfigError, Settings
 from .dicom_header import STATUS_UNDECODABLE, encode_part10
 from .ingest import Ingestor
 
@@ -51,6 +52,25 @@ def acceptor_config(settings: Settings) -> AcceptorConfig:
     )
 
 
+def tls_context(settings: Settings) -> ssl.SSLContext | None:
+    """Server-side TLS (PS3.15 B.1 secure transport) when a certificate is configured.
+
+    With ``tls_client_ca`` the peer must present a certificate signed by that CA.
+    """
+    if settings.tls_certificate is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(settings.tls_certificate, settings.tls_private_key)
+        if settings.tls_client_ca is not None:
+            context.load_verify_locations(settings.tls_client_ca)
+            context.verify_mode = ssl.CERT_REQUIRED
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"TLS files: {exc}") from None
+    return context
+
+
 def start_listener(settings: Settings, ingestor: Ingestor, *, reuse_port: bool = False,
                    port: int | None = None) -> DicomServer:
     """Start the SCP in background threads; returns the server (call ``shutdown()``)."""
@@ -59,6 +79,7 @@ def start_listener(settings: Settings, ingestor: Ingestor, *, reuse_port: bool =
         acceptor_config(settings),
         lambda request: handle_store(request, ingestor),
         reuse_port=reuse_port,
+        ssl_context=tls_context(settings),
     )
     return server.start()
 

@@ -58,3 +58,10 @@ def test_booleans_and_paths_from_the_environment(tmp_path):
     assert settings.site_vocabulary == tmp_path / "v.toml"
     with pytest.raises(ConfigError, match="tags_worker"):
         load_settings(environ={"PACS_TAGS_WORKER": "maybe"})
+
+
+def test_tls_settings_go_together(tmp_path):
+    with pytest.raises(ConfigError, match="tls_certificate and tls_private_key"):
+        load_settings(environ={"PACS_TLS_CERTIFICATE": str(tmp_path / "c.pem")})
+    with pytest.raises(ConfigError, match="tls_client_ca"):
+        load_settings(environ={"PACS_TLS_CLIENT_CA": str(tmp_path / "ca.pem")})
