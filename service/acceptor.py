@@ -56,6 +56,7 @@ REJECT_CALLING_AE = (0x01, 0x01, 0x03)
 REJECT_APPLICATION_CONTEXT = (0x01, 0x01, 0x02)
 REJECT_NO_REASON = (0x01, 0x01, 0x01)
 REJECT_BUSY = (0x02, 0x03, 0x02)  # transient, provider (presentation), local limit exceeded
+REJECT_TRANSIENT = (0x02, 0x01, 0x01)  # transient, service user, no reason given
 
 # A-ABORT reasons (source 2 = service provider)
 ABORT_UNRECOGNIZED_PDU, ABORT_UNEXPECTED_PDU, ABORT_INVALID_PARAMETER = 0x01, 0x02, 0x06
@@ -88,6 +89,8 @@ class StoreRequest:
 
 
 StoreHandler = Callable[[StoreRequest], int]
+# called before each association is accepted: a reason to refuse it (transiently), or None
+AdmissionCheck = Callable[[], "str | None"]
 
 
 @dataclass(frozen=True)
@@ -189,12 +192,14 @@ class Association:
     """Serves one connection from A-ASSOCIATE-RQ to release or abort."""
 
     def __init__(self, sock: socket.socket, address: tuple, config: AcceptorConfig,
-                 on_store: StoreHandler, busy: bool = False):
+                 on_store: StoreHandler, busy: bool = False,
+                 admission: AdmissionCheck | None = None):
         self.sock = sock
         self.address = f"{address[0]}:{address[1]}" if address else "?"
         self.config = config
         self.on_store = on_store
         self.busy = busy
+        self.admission = admission
         self.calling_ae = ""
         self.called_ae = ""
         self.contexts: dict[int, PresentationContext] = {}
@@ -273,19 +278,18 @@ class Association:
             raise ProtocolError(f"undecodable A-ASSOCIATE-RQ: {exc}", ABORT_INVALID_PARAMETER)
         self.calling_ae = str(primitive.calling_ae_title or "").strip()
         self.called_ae = str(primitive.called_ae_title or "").strip()
-        reject = None
+        reject, reason = None, ""
         if str(primitive.application_context_name) != APPLICATION_CONTEXT:
-            reject = REJECT_APPLICATION_CONTEXT
+            reject, reason = REJECT_APPLICATION_CONTEXT, "application context not supported"
         elif self.config.allowed_calling_aets and self.calling_ae not in self.config.allowed_calling_aets:
-            reject = REJECT_CALLING_AE
+            reject, reason = REJECT_CALLING_AE, "calling AE title not allowed"
         elif self.busy:
-            reject = REJECT_BUSY
+            reject, reason = REJECT_BUSY, "too many associations"
+        elif self.admission is not None and (refusal := self.admission()):
+            reject, reason = REJECT_TRANSIENT, refusal
         if reject is not None:
             log.warning("association rejected", extra={
-                "calling_ae": self.calling_ae, "address": self.address,
-                "reason": {REJECT_CALLING_AE: "calling AE title not allowed",
-                           REJECT_APPLICATION_CONTEXT: "application context not supported",
-                           REJECT_BUSY: "too many associations"}.get(reject, "rejected")})
+                "calling_ae": self.calling_ae, "address": self.address, "reason": reason})
             self.sock.sendall(reject_pdu(*reject))
             self._wait_for_close()
             return False
@@ -457,9 +461,11 @@ class DicomServer:
     """Accepts connections on one port and serves each association on its own thread."""
 
     def __init__(self, address: tuple[str, int], config: AcceptorConfig, on_store: StoreHandler,
-                 *, reuse_port: bool = False, ssl_context: ssl.SSLContext | None = None):
+                 *, reuse_port: bool = False, ssl_context: ssl.SSLContext | None = None,
+                 admission: AdmissionCheck | None = None):
         self.config = config
         self.on_store = on_store
+        self.admission = admission
         self.ssl_context = ssl_context
         family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.socket = socket.socket(family, socket.SOCK_STREAM)
@@ -514,7 +520,8 @@ class DicomServer:
                     log.warning("TLS handshake failed: %s", exc, extra={"address": address[0]})
                     conn.close()
                     return
-            Association(conn, address, self.config, self.on_store, busy=busy).run()
+            Association(conn, address, self.config, self.on_store, busy=busy,
+                        admission=self.admission).run()
         finally:
             with self._lock:
                 self._active -= 1

@@ -41,6 +41,7 @@ class Settings:
     allowed_calling_aets: tuple[str, ...] = ()
     processes: int = field(default_factory=lambda: os.cpu_count() or 1)
     commit_batch_max: int = 128
+    min_free_disk_mb: int = 1024
     queue_stages: tuple[str, ...] = ("tags",)
     tags_worker: bool = True
     site_vocabulary: Path | None = None
@@ -75,6 +76,8 @@ class Settings:
             raise ConfigError("max_pdu_size must be 0 (unlimited) or at least 4096")
         if self.processes < 1:
             raise ConfigError("processes must be at least 1")
+        if self.min_free_disk_mb < 0:
+            raise ConfigError("min_free_disk_mb must be 0 (no check) or more")
         if self.commit_batch_max < 1:
             raise ConfigError("commit_batch_max must be at least 1")
         if (self.tls_certificate is None) != (self.tls_private_key is None):
@@ -99,6 +102,7 @@ ENV_VARS: dict[str, str] = {
     "PACS_ALLOWED_CALLING_AETS": "allowed_calling_aets",
     "PACS_PROCESSES": "processes",
     "PACS_COMMIT_BATCH_MAX": "commit_batch_max",
+    "PACS_MIN_FREE_DISK_MB": "min_free_disk_mb",
     "PACS_QUEUE_STAGES": "queue_stages",
     "PACS_TAGS_WORKER": "tags_worker",
     "PACS_SITE_VOCABULARY": "site_vocabulary",

@@ -5,9 +5,12 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
 import ssl
 import threading
+import time
+from pathlib import Path
 from typing import Any
 
 from .acceptor import AcceptorConfig, DicomServer, StoreRequest
@@ -71,6 +74,37 @@ def tls_context(settings: Settings) -> ssl.SSLContext | None:
     return context
 
 
+class DiskWatermark:
+    """Refuses new associations while the storage has less free space than the watermark.
+
+    Stores already under way go on (and fail with 0xA700 if the disk really fills); the
+    refusal is transient, so senders retry later, and lifts by itself when space returns.
+    """
+
+    def __init__(self, path: Path, min_free_mb: int, recheck_seconds: float = 1.0):
+        self.path = path
+        self.min_free = min_free_mb * 1024 * 1024
+        self.recheck_seconds = recheck_seconds
+        self._checked_at = 0.0
+        self._refusal: str | None = None
+
+    def __call__(self) -> str | None:
+        if self.min_free <= 0:
+            return None
+        now = time.monotonic()
+        if now - self._checked_at >= self.recheck_seconds:
+            self._checked_at = now
+            free = shutil.disk_usage(self.path).free
+            refusal = (f"storage has {free // 2**20} MiB free, below the "
+                       f"{self.min_free // 2**20} MiB watermark") if free < self.min_free else None
+            if refusal and not self._refusal:
+                log.error("refusing new associations: %s", refusal, extra={"path": str(self.path)})
+            elif self._refusal and not refusal:
+                log.warning("storage back above the watermark; accepting associations again")
+            self._refusal = refusal
+        return self._refusal
+
+
 def start_listener(settings: Settings, ingestor: Ingestor, *, reuse_port: bool = False,
                    port: int | None = None) -> DicomServer:
     """Start the SCP in background threads; returns the server (call ``shutdown()``)."""
@@ -80,6 +114,7 @@ def start_listener(settings: Settings, ingestor: Ingestor, *, reuse_port: bool =
         lambda request: handle_store(request, ingestor),
         reuse_port=reuse_port,
         ssl_context=tls_context(settings),
+        admission=DiskWatermark(settings.storage_path, settings.min_free_disk_mb),
     )
     return server.start()
 

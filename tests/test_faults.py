@@ -165,3 +165,43 @@ def test_kill_9_loses_no_acknowledged_instance(tmp_path):
     for relative, digest in rows.items():
         assert hashlib.sha256((storage / relative).read_bytes()).hexdigest() == digest
     assert list((storage / INCOMING).iterdir()) == []
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 4 MiB file system for the storage directory (needs root to mount a tmpfs)."""
+    mount_point = tmp_path / "small-disk"
+    mount_point.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount_point)],
+                            capture_output=True)
+    if result.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield mount_point
+    subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def test_disk_full_fails_cleanly_refuses_associations_and_recovers(service_factory, small_disk):
+    ballast = small_disk / "ballast"
+    ballast.write_bytes(b"\0" * (1536 * 1024))
+    service = service_factory(storage_dir=small_disk / "storage", min_free_disk_mb=1)
+    assoc = associate(service.port)
+    statuses = []
+    for _ in range(200):
+        statuses.append(assoc.send_c_store(make_ct()).Status)
+        if statuses[-1] != 0x0000:
+            break
+    assoc.release()
+    assert statuses[-1] == 0xA700 and statuses.count(0x0000) == len(statuses) - 1
+    stored = service.scalar("SELECT count(*) FROM instances")
+    assert stored == len(statuses) - 1
+    assert list((service.storage / INCOMING).iterdir()) == []  # no partial file
+    assert len([p for p in service.stored_files() if INCOMING not in p.parts]) == stored
+    time.sleep(1.1)  # the watermark is re-read at most once a second
+    refused = associate(service.port)
+    assert refused.is_rejected
+    ballast.unlink()
+    time.sleep(1.1)
+    again = associate(service.port)
+    assert again.is_established
+    assert again.send_c_store(make_ct()).Status == 0x0000
+    again.release()
