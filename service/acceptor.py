@@ -14,6 +14,7 @@ per complete dataset.  pynetdicom and dcmtk are the peers in the tests.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import socket
 import ssl
@@ -101,6 +102,18 @@ class AcceptorConfig:
     network_timeout: float | None = 60.0
     acse_timeout: float | None = 30.0
     max_associations: int = 16
+    allowed_networks: tuple[str, ...] = ()
+
+    def address_allowed(self, host: str) -> bool:
+        if not self.allowed_networks:
+            return True
+        try:
+            address = ipaddress.ip_address(host.split("%", 1)[0])
+        except ValueError:
+            return False
+        if address.version == 6 and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        return any(address in ipaddress.ip_network(n, strict=False) for n in self.allowed_networks)
 
 
 # ---------------------------------------------------------------- command sets
@@ -501,6 +514,12 @@ class DicomServer:
                 if self._stopped.is_set():
                     return
                 raise
+            if not self.config.address_allowed(address[0]):
+                # before any DICOM byte: nothing from an unknown network is parsed
+                log.warning("connection refused: address not in allowed_networks",
+                            extra={"address": address[0]})
+                conn.close()
+                continue
             conn.settimeout(None)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             threading.Thread(target=self._serve_connection, args=(conn, address),

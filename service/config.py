@@ -8,6 +8,7 @@ below, at the top level or under a ``[pacs]`` table.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import re
 import tomllib
@@ -39,6 +40,7 @@ class Settings:
     max_associations: int = 16
     max_pdu_size: int = 262144
     allowed_calling_aets: tuple[str, ...] = ()
+    allowed_networks: tuple[str, ...] = ()
     processes: int = field(default_factory=lambda: os.cpu_count() or 1)
     commit_batch_max: int = 128
     min_free_disk_mb: int = 1024
@@ -68,6 +70,12 @@ class Settings:
         for aet in self.allowed_calling_aets:
             if not _AE_TITLE.match(aet):
                 raise ConfigError(f"allowed_calling_aets entry {aet!r} is not a valid AE title")
+        for network in self.allowed_networks:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError:
+                raise ConfigError(f"allowed_networks entry {network!r} is not an address or "
+                                  "network (CIDR)") from None
         if not 0 < self.port < 65536:
             raise ConfigError(f"port {self.port} is outside 1-65535")
         if self.max_associations < 1:
@@ -100,6 +108,7 @@ ENV_VARS: dict[str, str] = {
     "PACS_MAX_ASSOCIATIONS": "max_associations",
     "PACS_MAX_PDU_SIZE": "max_pdu_size",
     "PACS_ALLOWED_CALLING_AETS": "allowed_calling_aets",
+    "PACS_ALLOWED_NETWORKS": "allowed_networks",
     "PACS_PROCESSES": "processes",
     "PACS_COMMIT_BATCH_MAX": "commit_batch_max",
     "PACS_MIN_FREE_DISK_MB": "min_free_disk_mb",

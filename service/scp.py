@@ -49,6 +49,7 @@ def acceptor_config(settings: Settings) -> AcceptorConfig:
         ae_title=settings.ae_title,
         max_pdu_size=settings.max_pdu_size,
         allowed_calling_aets=settings.allowed_calling_aets,
+        allowed_networks=settings.allowed_networks,
         network_timeout=settings.network_timeout,
         acse_timeout=settings.acse_timeout,
         max_associations=settings.max_associations,

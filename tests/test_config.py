@@ -65,3 +65,10 @@ def test_tls_settings_go_together(tmp_path):
         load_settings(environ={"PACS_TLS_CERTIFICATE": str(tmp_path / "c.pem")})
     with pytest.raises(ConfigError, match="tls_client_ca"):
         load_settings(environ={"PACS_TLS_CLIENT_CA": str(tmp_path / "ca.pem")})
+
+
+def test_allowed_networks_are_validated():
+    assert load_settings(environ={"PACS_ALLOWED_NETWORKS": "10.0.0.0/8, 192.168.1.7"}
+                         ).allowed_networks == ("10.0.0.0/8", "192.168.1.7")
+    with pytest.raises(ConfigError, match="allowed_networks"):
+        load_settings(environ={"PACS_ALLOWED_NETWORKS": "not-a-network"})

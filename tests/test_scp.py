@@ -225,3 +225,12 @@ def test_storage_failure_answers_out_of_resources(service, monkeypatch):
     assoc.release()
     assert status.Status == 0xA700
     assert service.scalar("SELECT count(*) FROM instances") == 0
+
+
+def test_address_allow_list(service_factory):
+    outside = service_factory(allowed_networks=("10.0.0.0/8",))
+    assert not associate(outside.port).is_established
+    inside = service_factory(allowed_networks=("10.0.0.0/8", "127.0.0.0/8"))
+    assoc = associate(inside.port)
+    assert assoc.is_established
+    assoc.release()
