@@ -10,7 +10,6 @@ import sys
 import threading
 import time
 import warnings
-from pathlib import Path
 
 import pydicom
 import pytest
