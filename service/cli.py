@@ -204,6 +204,59 @@ def cmd_db_url(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from .analysis import load_run, run_analysis, write_report
+
+    settings = _settings(args)
+    context, database = _open(settings)
+    try:
+        run_id = args.run or run_analysis(database.engine, top=args.top,
+                                          unique_ratio=args.unique_ratio,
+                                          progress=None if args.quiet else sys.stderr)
+        run = load_run(database.engine, run_id)
+    finally:
+        context.__exit__(None, None, None)
+    both = not (args.csv or args.html)
+    out = Path(args.out) if args.out else Path(f"tag-analysis-{run.id}")
+    paths = write_report(run, out, csv_report=args.csv or both, html_report=args.html or both)
+    print(f"analysis run {run.id}: {run.instances or 0:,} instances, {len(run.tags)} tags")
+    for path in paths:
+        print(f"wrote {path}")
+    return 0
+
+
+def cmd_select_features(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from parsers.selection import default_selection, select_features
+
+    from .analysis import AnalysisError, load_run
+
+    if args.auto:
+        settings = _settings(args)
+        context, database = _open(settings)
+        try:
+            run = load_run(database.engine, args.run)
+        except AnalysisError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        finally:
+            context.__exit__(None, None, None)
+        selection = select_features(
+            [dataclasses.asdict(t) for t in run.tags], max_missing=args.max_missing,
+            column_rows=[dataclasses.asdict(c) for c in run.columns], run_id=run.id,
+            max_columns=args.max_columns)
+    else:
+        selection = default_selection()
+    text = selection.to_json()
+    if args.out:
+        Path(args.out).write_text(text + "\n", encoding="utf-8")
+        print(f"{len(selection.columns)} feature columns written to {args.out}")
+    else:
+        print(text)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pacs-annotate",
@@ -255,6 +308,31 @@ def build_parser() -> argparse.ArgumentParser:
     sql = sub.add_parser("sql", parents=[common], help="run one SQL statement and print rows")
     sql.add_argument("query")
     sql.set_defaults(func=cmd_sql)
+
+    analyze = sub.add_parser("analyze", parents=[common],
+                             help="tag frequency analysis of the archive, stored as a run, "
+                                  "with a CSV and HTML report")
+    analyze.add_argument("--top", type=int, default=10, help="top values kept per tag")
+    analyze.add_argument("--unique-ratio", type=float, default=0.95,
+                         help="distinct/non-empty share from which a tag is unique per record")
+    analyze.add_argument("--run", type=int, help="render this stored run instead of counting")
+    analyze.add_argument("--out", help="report folder (default ./tag-analysis-RUN)")
+    analyze.add_argument("--csv", action="store_true", help="write tags.csv and columns.csv")
+    analyze.add_argument("--html", action="store_true", help="write report.html")
+    analyze.add_argument("--quiet", action="store_true", help="no progress lines")
+    analyze.set_defaults(func=cmd_analyze)
+
+    select = sub.add_parser("select-features", parents=[common],
+                            help="the feature columns for tag clustering, as JSON: the shipped "
+                                 "default, or --auto from an analysis run")
+    select.add_argument("--auto", action="store_true",
+                        help="derive the list from the latest (or --run) analysis run")
+    select.add_argument("--run", type=int, help="analysis run for --auto")
+    select.add_argument("--max-missing", type=float, default=0.5,
+                        help="drop columns missing in more than this share (--auto)")
+    select.add_argument("--max-columns", type=int, help="keep at most this many (--auto)")
+    select.add_argument("--out", help="write the selection JSON here instead of stdout")
+    select.set_defaults(func=cmd_select_features)
 
     sub.add_parser("db-url", parents=[common],
                    help="print the database URL (password hidden)").set_defaults(func=cmd_db_url)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     Column,
     Date,
     Float,
@@ -171,4 +172,49 @@ instance_features = Table(
     Column("parse_failures", JSONB, nullable=False, server_default="[]"),
     *[Index(f"ix_instance_features_{c}", c) for c in
       ("modality", "body_part", "body_part_inferred", "plane", "manufacturer", "parser_version")],
+)
+
+# ---------------------------------------------------------------- tag analysis (0003)
+
+
+tag_analysis_runs = Table(
+    "tag_analysis_runs",
+    metadata,
+    Column("id", BigInteger, Identity(), primary_key=True),
+    _ts("started_at", nullable=False, server_default=NOW),
+    _ts("finished_at"),
+    Column("status", Text, nullable=False, server_default="running"),
+    Column("instances", BigInteger),
+    Column("feature_instances", BigInteger),
+    Column("parameters", JSONB, nullable=False, server_default="{}"),
+    Column("error", Text),
+)
+
+tag_analysis = Table(
+    "tag_analysis",
+    metadata,
+    Column("run_id", BigInteger, ForeignKey("tag_analysis_runs.id", ondelete="CASCADE"),
+           primary_key=True),
+    Column("keyword", Text, primary_key=True),
+    Column("present", BigInteger, nullable=False),
+    Column("empty", BigInteger, nullable=False),
+    Column("missing_share", Float, nullable=False),
+    Column("distinct_values", BigInteger, nullable=False),
+    Column("top_values", JSONB, nullable=False, server_default="[]"),
+    Column("is_unique_per_record", Boolean, nullable=False),
+    Column("parse_failures", BigInteger),
+    Column("failure_examples", JSONB),
+)
+
+tag_analysis_columns = Table(
+    "tag_analysis_columns",
+    metadata,
+    Column("run_id", BigInteger, ForeignKey("tag_analysis_runs.id", ondelete="CASCADE"),
+           primary_key=True),
+    Column("column_name", Text, primary_key=True),
+    Column("source", Text, nullable=False),
+    Column("kind", Text, nullable=False),
+    Column("present", BigInteger, nullable=False),
+    Column("missing_share", Float),
+    Column("parse_failures", BigInteger, nullable=False),
 )
