@@ -75,11 +75,16 @@ class RawAssociation:
         self.sock.sendall(pdu.encode())
         self.response_type, body = self.read_pdu()
         self.accepted = False
+        self.peer_max_pdu = 16384
         if self.response_type == 0x02:
             ac = A_ASSOCIATE_AC()
             ac.decode(struct.pack(">BBI", 2, 0, len(body)) + body)
-            results = ac.to_primitive().presentation_context_definition_results_list
+            accepted = ac.to_primitive()
+            results = accepted.presentation_context_definition_results_list
             self.accepted = any(cx.result == 0 for cx in results)
+            for item in accepted.user_information:
+                if isinstance(item, MaximumLengthNotification):
+                    self.peer_max_pdu = item.maximum_length_received or (1 << 30)
         self._message_id = 0
 
     def read_pdu(self) -> tuple[int, bytes]:
@@ -110,8 +115,13 @@ class RawAssociation:
             (0x1000, pad(sop_instance)),
         ])
         self.sock.sendall(p_data_pdu(1, command))
-        item = struct.pack(">IBB", len(dataset) + 2, 1, 0x02) + dataset
-        self.sock.sendall(struct.pack(">BBI", 0x04, 0, len(item)) + item)
+        # fragments that respect the maximum PDU length the acceptor announced
+        step = self.peer_max_pdu - 6
+        chunks = [dataset[i:i + step] for i in range(0, len(dataset), step)] or [b""]
+        for index, chunk in enumerate(chunks):
+            control = 0x02 if index == len(chunks) - 1 else 0x00
+            item = struct.pack(">IBB", len(chunk) + 2, 1, control) + chunk
+            self.sock.sendall(struct.pack(">BBI", 0x04, 0, len(item)) + item)
         pdu_type, body = self.read_pdu()
         if pdu_type != 0x04:
             raise ConnectionError(f"PDU type {pdu_type:#x} instead of a response")
