@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -132,3 +133,25 @@ def test_another_live_process_temp_is_left_alone(tmp_path, engine):
     with Ingestor(engine, FileStore(storage)):
         pass
     assert not temp.exists()
+
+
+def test_temp_of_a_killed_but_unreaped_process_is_settled(tmp_path, engine):
+    storage = tmp_path / "storage"
+    FileStore(storage).prepare()
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)  # the child dies at once; we do not reap it: a zombie
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with open(f"/proc/{pid}/stat", "rb") as stat:
+                if stat.read().rsplit(b")", 1)[1].split()[0] == b"Z":
+                    break
+            time.sleep(0.01)
+        temp = storage / ".incoming" / f"{pid}.abcdef.tmp"
+        temp.write_bytes(b"left by a killed listener")
+        with Ingestor(engine, FileStore(storage)):
+            pass
+        assert not temp.exists()
+    finally:
+        os.waitpid(pid, 0)
