@@ -50,30 +50,23 @@ def _vocabulary(settings: Settings):
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .features import TagsWorker
     from .ingest import Ingestor
     from .scp import serve_forever
     from .storage import FileStore
 
     settings = _settings(args)
-    vocabulary = _vocabulary(settings)
+    _vocabulary(settings)  # a broken site vocabulary stops the start, not the worker later
     context, database = _open(settings)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
-    worker = None
     try:
         ingestor = Ingestor(database.engine, FileStore(settings.storage_path),
                             stages=settings.queue_stages, batch_max=settings.commit_batch_max)
         ingestor.start()  # settles what a previous run left unfinished
-        if settings.tags_worker and "tags" in settings.queue_stages:
-            worker = TagsWorker(database.engine, name=f"{ingestor.node}/tags",
-                                vocabulary=vocabulary).start()
         try:
             serve_forever(settings, database.url, ingestor, stop)
         finally:
-            if worker is not None:
-                worker.stop()
             ingestor.close()
     finally:
         context.__exit__(None, None, None)

@@ -141,18 +141,67 @@ def _child_main(settings: Settings, database_url: str, ready: Any) -> None:
     engine.dispose()
 
 
+TAGS_WORKER_NICENESS = 10
+
+
+def _tags_worker_main(settings: Settings, database_url: str, ready: Any) -> None:
+    """The tags stage in its own process, below the listeners' CPU priority.
+
+    Parsing costs CPU that storing needs more: under load the features lag a little and
+    catch up, instead of the stores slowing down.
+    """
+    from parsers import load_vocabulary
+
+    from .db import create_db_engine
+    from .features import TagsWorker
+    from .logs import setup_logging
+
+    setup_logging(settings)
+    os.nice(TAGS_WORKER_NICENESS)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    engine = create_db_engine(database_url, pool_size=2)
+    worker = TagsWorker(engine, name=f"{os.getpid()}/tags",
+                        vocabulary=load_vocabulary(settings.site_vocabulary)).start()
+    ready.set()
+    stop.wait()
+    worker.stop()
+    engine.dispose()
+
+
+def _stop_children(children: list) -> None:
+    for child, _ in children:
+        if child.is_alive():
+            os.kill(child.pid, signal.SIGTERM)
+    for child, _ in children:
+        child.join(timeout=30)
+        if child.is_alive():
+            child.kill()
+
+
 def serve_forever(settings: Settings, database_url: str, ingestor: Ingestor,
                   stop: threading.Event) -> None:
-    """Run the listener until ``stop`` is set: in-process, or in N child processes."""
+    """Run the listener until ``stop`` is set: in-process, or in N child processes.
+
+    The tags worker, when enabled, runs in a child process of its own either way.
+    """
+    context = multiprocessing.get_context("spawn")
+    children: list = []
+    if settings.tags_worker and "tags" in settings.queue_stages:
+        ready = context.Event()
+        worker = context.Process(target=_tags_worker_main, args=(settings, database_url, ready),
+                                 name="pacs-tags-worker", daemon=False)
+        worker.start()
+        children.append((worker, ready))
     if settings.processes <= 1:
         server = start_listener(settings, ingestor)
         log.info("listening", extra={"ae_title": settings.ae_title, "port": server.port,
                                      "address": settings.bind_address, "processes": 1})
         stop.wait()
         server.shutdown()
+        _stop_children(children)
         return
-    context = multiprocessing.get_context("spawn")
-    children = []
     for _ in range(settings.processes):
         ready = context.Event()
         child = context.Process(target=_child_main, args=(settings, database_url, ready),
@@ -169,12 +218,6 @@ def serve_forever(settings: Settings, database_url: str, ingestor: Ingestor,
                                  "processes": settings.processes})
     while not stop.wait(0.5):
         if any(not child.is_alive() for child, _ in children):
-            log.error("a listener process died; stopping the service")
+            log.error("a listener or worker process died; stopping the service")
             break
-    for child, _ in children:
-        if child.is_alive():
-            os.kill(child.pid, signal.SIGTERM)
-    for child, _ in children:
-        child.join(timeout=30)
-        if child.is_alive():
-            child.kill()
+    _stop_children(children)
