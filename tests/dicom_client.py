@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import struct
+from io import BytesIO
 
 import pydicom
 from pydicom.data import get_testdata_file
@@ -153,3 +154,15 @@ def encode_dataset(ds: Dataset) -> bytes:
     buffer.is_implicit_VR = False
     write_dataset(buffer, ds)
     return buffer.getvalue()
+
+
+def ingest_datasets(engine, storage, datasets) -> None:
+    """Store datasets through the ingest path without a network (as ``import`` does)."""
+    from service.ingest import Ingestor
+    from service.storage import FileStore
+
+    with Ingestor(engine, FileStore(storage)) as ingestor:
+        for ds in datasets:
+            buffer = BytesIO()
+            ds.save_as(buffer, enforce_file_format=True)
+            assert ingestor.ingest(buffer.getvalue()).result == "stored"

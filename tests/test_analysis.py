@@ -5,25 +5,14 @@ from __future__ import annotations
 import csv
 import io
 import json
-from io import BytesIO
 
 import pytest
 import sqlalchemy as sa
 
 from service import analysis, features
 from service.cli import main
-from service.ingest import Ingestor
-from service.storage import FileStore
 
-from .dicom_client import make_ct
-
-
-def _store(engine, tmp_path, datasets) -> None:
-    with Ingestor(engine, FileStore(tmp_path / "storage")) as ingestor:
-        for ds in datasets:
-            buffer = BytesIO()
-            ds.save_as(buffer, enforce_file_format=True)
-            assert ingestor.ingest(buffer.getvalue()).result == "stored"
+from .dicom_client import ingest_datasets, make_ct
 
 
 def _archive() -> list:
@@ -49,7 +38,7 @@ def _archive() -> list:
 
 @pytest.fixture
 def archive(engine, tmp_path):
-    _store(engine, tmp_path, _archive())
+    ingest_datasets(engine, tmp_path / "storage", _archive())
     assert features.process_queue_batch(engine, "test") == 4
     return engine
 
@@ -170,7 +159,7 @@ def test_html_has_a_table_per_tag_a_bar_and_a_sorter(archive):
 
 
 def test_cli_analyze_writes_the_report(settings, engine, tmp_path, capsys, monkeypatch):
-    _store(engine, tmp_path, _archive())
+    ingest_datasets(engine, tmp_path / "storage", _archive())
     features.process_queue_batch(engine, "test")
     monkeypatch.setenv("DATABASE_URL", settings.database_url)
     monkeypatch.setenv("PACS_DATA_DIR", str(tmp_path / "data"))

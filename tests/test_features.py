@@ -3,30 +3,19 @@
 from __future__ import annotations
 
 import time
-from io import BytesIO
 
 import sqlalchemy as sa
 
 from parsers import FEATURE_COLUMNS, PARSER_VERSION
 from service import features
-from service.ingest import Ingestor
-from service.storage import FileStore
 
-from .dicom_client import associate, make_ct
-
-
-def _store(engine, tmp_path, datasets) -> None:
-    with Ingestor(engine, FileStore(tmp_path / "storage")) as ingestor:
-        for ds in datasets:
-            buffer = BytesIO()
-            ds.save_as(buffer, enforce_file_format=True)
-            assert ingestor.ingest(buffer.getvalue()).result == "stored"
+from .dicom_client import associate, ingest_datasets, make_ct
 
 
 def test_queue_batch_fills_the_feature_table(engine, tmp_path):
     ds = make_ct()
     ds.BodyPartExamined = "T SPINE"
-    _store(engine, tmp_path, [ds, make_ct()])
+    ingest_datasets(engine, tmp_path / "storage", [ds, make_ct()])
     assert features.process_queue_batch(engine, "test") == 2
     assert features.process_queue_batch(engine, "test") == 0
     with engine.connect() as conn:
@@ -65,7 +54,7 @@ def test_serve_gives_a_new_instance_its_features_within_seconds(service):
 
 
 def test_reparse_rebuilds_stale_versions_and_is_resumable(engine, tmp_path):
-    _store(engine, tmp_path, [make_ct() for _ in range(5)])
+    ingest_datasets(engine, tmp_path / "storage", [make_ct() for _ in range(5)])
     assert features.reparse(engine, chunk=2, progress=None) == 5
     assert features.reparse(engine, chunk=2, progress=None) == 0  # nothing stale
     with engine.begin() as conn:

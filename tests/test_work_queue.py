@@ -1,27 +1,16 @@
 from __future__ import annotations
 
 import threading
-from io import BytesIO
 
 import sqlalchemy as sa
 
 from service import work_queue
-from service.ingest import Ingestor
-from service.storage import FileStore
 
-from .dicom_client import make_ct
-
-
-def _ingest(engine, tmp_path, count: int) -> None:
-    with Ingestor(engine, FileStore(tmp_path / "storage")) as ingestor:
-        for _ in range(count):
-            buffer = BytesIO()
-            make_ct().save_as(buffer, enforce_file_format=True)
-            assert ingestor.ingest(buffer.getvalue()).result == "stored"
+from .dicom_client import ingest_datasets, make_ct
 
 
 def test_concurrent_claimers_never_share_an_item(engine, tmp_path):
-    _ingest(engine, tmp_path, 40)
+    ingest_datasets(engine, tmp_path / "storage", [make_ct() for _ in range(40)])
     claimed: list[list[int]] = [[] for _ in range(4)]
 
     def worker(index: int) -> None:
@@ -38,7 +27,7 @@ def test_concurrent_claimers_never_share_an_item(engine, tmp_path):
 
 
 def test_retry_then_fail_and_release_stale(engine, tmp_path):
-    _ingest(engine, tmp_path, 2)
+    ingest_datasets(engine, tmp_path / "storage", [make_ct(), make_ct()])
     first, second = work_queue.claim(engine, "tags", "w", 2)
     assert work_queue.fail(engine, first.id, "decode error", max_attempts=2,
                            backoff_seconds=0) == "pending"
