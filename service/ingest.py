@@ -18,7 +18,7 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FuturesTimeout
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
@@ -198,6 +198,17 @@ class _KeyCache:
         self.patients.update(patients)
         self.studies.update(studies)
         self.series.update(series)
+
+
+def _first_per_key(records: Iterable[_Record], key: Callable[[InstanceHeader], str],
+                   known: set[str]) -> dict[str, _Record]:
+    """The first record of each key not yet known to be committed."""
+    todo: dict[str, _Record] = {}
+    for record in records:
+        value = key(record.header)
+        if value not in known:
+            todo.setdefault(value, record)
+    return todo
 
 
 # ---------------------------------------------------------------- ingestor
@@ -522,11 +533,7 @@ class Ingestor:
 
     def _ensure_studies(self, conn: sa.Connection, records: list[_Record],
                         patients: Mapping[tuple[str, str], int]) -> list[str]:
-        todo: dict[str, _Record] = {}
-        for record in records:
-            uid = record.header.study_instance_uid
-            if uid not in self._cache.studies:
-                todo.setdefault(uid, record)
+        todo = _first_per_key(records, lambda h: h.study_instance_uid, self._cache.studies)
         if todo:
             uids = sorted(todo)
             hs = [todo[u].header for u in uids]
@@ -543,11 +550,7 @@ class Ingestor:
         return list(todo)
 
     def _ensure_series(self, conn: sa.Connection, records: list[_Record]) -> list[str]:
-        todo: dict[str, _Record] = {}
-        for record in records:
-            uid = record.header.series_instance_uid
-            if uid not in self._cache.series:
-                todo.setdefault(uid, record)
+        todo = _first_per_key(records, lambda h: h.series_instance_uid, self._cache.series)
         if todo:
             uids = sorted(todo)
             hs = [todo[u].header for u in uids]
