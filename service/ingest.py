@@ -79,10 +79,22 @@ _INSERT_SERIES = sa.text(
     ON CONFLICT (series_instance_uid) DO NOTHING
     """
 )
+# counter deltas of one process, added to its row
+_STATS_UPSERT = """
+    INSERT INTO ingest_stats AS s (node, received, stored, duplicates, rejected, bytes_stored)
+    VALUES (:node, :received, :stored, :duplicates, :rejected, :bytes_stored)
+    ON CONFLICT (node) DO UPDATE SET
+        received = s.received + EXCLUDED.received,
+        stored = s.stored + EXCLUDED.stored,
+        duplicates = s.duplicates + EXCLUDED.duplicates,
+        rejected = s.rejected + EXCLUDED.rejected,
+        bytes_stored = s.bytes_stored + EXCLUDED.bytes_stored,
+        updated_at = now()
+"""
 # instances and their queue entries in one round trip; the rows travel as one JSON
 # document, which is cheaper to send than one array per column (no array escaping)
 _INSERT_INSTANCES = sa.text(
-    """
+    f"""
     WITH inserted AS (
         INSERT INTO instances (sop_instance_uid, series_instance_uid, study_instance_uid,
                                sop_class_uid, transfer_syntax_uid, modality, instance_number,
@@ -101,33 +113,12 @@ _INSERT_INSTANCES = sa.text(
         SELECT stage, inserted.sop_instance_uid
         FROM inserted CROSS JOIN unnest(CAST(:stages AS text[])) AS stage
     ), counted AS (
-        INSERT INTO ingest_stats AS s (node, received, stored, duplicates, rejected,
-                                       bytes_stored)
-        VALUES (:node, :received, :stored, :duplicates, :rejected, :bytes_stored)
-        ON CONFLICT (node) DO UPDATE SET
-            received = s.received + EXCLUDED.received,
-            stored = s.stored + EXCLUDED.stored,
-            duplicates = s.duplicates + EXCLUDED.duplicates,
-            rejected = s.rejected + EXCLUDED.rejected,
-            bytes_stored = s.bytes_stored + EXCLUDED.bytes_stored,
-            updated_at = now()
+        {_STATS_UPSERT}
     )
     SELECT sop_instance_uid FROM inserted
     """
 )
-_UPSERT_STATS = sa.text(
-    """
-    INSERT INTO ingest_stats AS s (node, received, stored, duplicates, rejected, bytes_stored)
-    VALUES (:node, :received, :stored, :duplicates, :rejected, :bytes_stored)
-    ON CONFLICT (node) DO UPDATE SET
-        received = s.received + EXCLUDED.received,
-        stored = s.stored + EXCLUDED.stored,
-        duplicates = s.duplicates + EXCLUDED.duplicates,
-        rejected = s.rejected + EXCLUDED.rejected,
-        bytes_stored = s.bytes_stored + EXCLUDED.bytes_stored,
-        updated_at = now()
-    """
-)
+_UPSERT_STATS = sa.text(_STATS_UPSERT)
 _HASHES_BY_PATH = sa.text(
     "SELECT file_path, sha256 FROM instances WHERE file_path = ANY(CAST(:paths AS text[]))"
 )
