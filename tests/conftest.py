@@ -12,6 +12,15 @@ from typing import Iterator
 
 import pytest
 import sqlalchemy as sa
+
+try:
+    # Imported here, at collection, rather than by hypothesis's own plugin at the end of
+    # the session: on CPython 3.11.7 that late import (pytest rewrites it) died with
+    # "SystemError: AST constructor recursion depth mismatch" after the database-outage
+    # test, when that test ran alone.
+    import hypothesis  # noqa: F401
+except ImportError:
+    pass
 from sqlalchemy.engine import make_url
 
 from service.config import Settings, load_settings
