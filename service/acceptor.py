@@ -55,7 +55,6 @@ STATUS_PROCESSING_FAILURE = 0x0110
 # A-ASSOCIATE-RJ (result, source, reason) triples, PS3.8 9.3.4
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)
 REJECT_APPLICATION_CONTEXT = (0x01, 0x01, 0x02)
-REJECT_NO_REASON = (0x01, 0x01, 0x01)
 REJECT_BUSY = (0x02, 0x03, 0x02)  # transient, provider (presentation), local limit exceeded
 REJECT_TRANSIENT = (0x02, 0x01, 0x01)  # transient, service user, no reason given
 
