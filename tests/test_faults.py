@@ -128,10 +128,13 @@ def test_kill_9_loses_no_acknowledged_instance(tmp_path):
     for thread in threads:
         thread.start()
     deadline = time.monotonic() + 120
-    while len(acknowledged) < 150:
-        assert time.monotonic() < deadline and any(t.is_alive() for t in threads)
-        time.sleep(0.01)
-    os.killpg(server.pid, signal.SIGKILL)  # listener processes, all at once
+    try:
+        while len(acknowledged) < 150:
+            assert time.monotonic() < deadline and any(t.is_alive() for t in threads)
+            time.sleep(0.01)
+    finally:
+        stop.set()
+        os.killpg(server.pid, signal.SIGKILL)  # listener processes, all at once
     server.wait()
     stop.set()
     for thread in threads:
