@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from . import __version__
 from .config import ConfigError, Settings, load_settings
+from .db import Database
 
 log = logging.getLogger("pacs_annotate")
 
@@ -30,17 +32,28 @@ def _settings(args: argparse.Namespace) -> Settings:
     return load_settings(args.config, **overrides)
 
 
-def _open(settings: Settings, *, migrate: bool = True):
+@contextlib.contextmanager
+def _database(settings: Settings, *, migrate: bool = True) -> Iterator[Database]:
+    """The configured database, migrated; the embedded one stops when the block ends,
+    also when the migration fails."""
     from .db import migrate as run_migrations
     from .db import open_database, redact
 
-    context = open_database(settings)
-    database = context.__enter__()
-    if migrate:
-        revision = run_migrations(database.engine)
-        log.info("database ready", extra={"url": redact(database.url), "revision": revision,
-                                          "embedded": database.embedded})
-    return context, database
+    with open_database(settings) as database:
+        if migrate:
+            revision = run_migrations(database.engine)
+            log.info("database ready", extra={"url": redact(database.url),
+                                              "revision": revision,
+                                              "embedded": database.embedded})
+        yield database
+
+
+def _stop_on_signals() -> threading.Event:
+    """Set by SIGTERM or SIGINT: the long-running commands end cleanly on either."""
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    return stop
 
 
 def _vocabulary(settings: Settings):
@@ -50,26 +63,15 @@ def _vocabulary(settings: Settings):
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .ingest import Ingestor
-    from .scp import serve_forever
-    from .storage import FileStore
+    from .scp import ingestor_for, serve_forever
 
     settings = _settings(args)
     _vocabulary(settings)  # a broken site vocabulary stops the start, not the worker later
-    context, database = _open(settings)
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
-    try:
-        ingestor = Ingestor(database.engine, FileStore(settings.storage_path),
-                            stages=settings.queue_stages, batch_max=settings.commit_batch_max)
-        ingestor.start()  # settles what a previous run left unfinished
-        try:
+    with _database(settings) as database:
+        stop = _stop_on_signals()
+        # start() settles what a previous run left unfinished
+        with ingestor_for(settings, database.engine) as ingestor:
             serve_forever(settings, database.url, ingestor, stop)
-        finally:
-            ingestor.close()
-    finally:
-        context.__exit__(None, None, None)
     log.info("stopped")
     return 0
 
@@ -82,18 +84,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     vocabulary = _vocabulary(settings)
-    context, database = _open(settings)
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
-    try:
+    with _database(settings) as database:
+        stop = _stop_on_signals()
         worker = TagsWorker(database.engine, name=f"{socket.gethostname()}:{os.getpid()}/tags",
                             vocabulary=vocabulary, batch=args.batch).start()
         log.info("tags worker running")
         stop.wait()
         worker.stop()
-    finally:
-        context.__exit__(None, None, None)
     return 0
 
 
@@ -104,43 +101,34 @@ def cmd_reparse(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     vocabulary = _vocabulary(settings)
-    context, database = _open(settings)
-    try:
+    with _database(settings) as database:
         done = reparse(database.engine, vocabulary=vocabulary, chunk=args.chunk,
                        progress=None if args.quiet else sys.stderr)
-    finally:
-        context.__exit__(None, None, None)
     print(f"{done} instances parsed with parser version {PARSER_VERSION}")
     return 0
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    context, database = _open(settings)
-    context.__exit__(None, None, None)
+    with _database(settings):
+        pass
     print("database schema is up to date")
     return 0
 
 
 def cmd_import(args: argparse.Namespace) -> int:
     from .importer import import_directory
-    from .ingest import Ingestor
-    from .storage import FileStore
+    from .scp import ingestor_for
 
     settings = _settings(args)
     root = Path(args.directory)
     if not root.exists():
         print(f"error: {root} does not exist", file=sys.stderr)
         return 2
-    context, database = _open(settings)
-    try:
-        with Ingestor(database.engine, FileStore(settings.storage_path),
-                      stages=settings.queue_stages, batch_max=settings.commit_batch_max) as ingestor:
-            report = import_directory(ingestor, root, threads=args.threads,
-                                      calling_ae=args.calling_ae,
-                                      progress=None if args.quiet else sys.stderr)
-    finally:
-        context.__exit__(None, None, None)
+    with _database(settings) as database, ingestor_for(settings, database.engine) as ingestor:
+        report = import_directory(ingestor, root, threads=args.threads,
+                                  calling_ae=args.calling_ae,
+                                  progress=None if args.quiet else sys.stderr)
     print(report.summary())
     if report.outcomes.get("failed"):
         return 1
@@ -153,11 +141,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     from .status import collect_status, format_status
 
     settings = _settings(args)
-    context, database = _open(settings)
-    try:
+    with _database(settings) as database:
         status = collect_status(database.engine)
-    finally:
-        context.__exit__(None, None, None)
     print(json.dumps(status, indent=2) if args.json else format_status(status))
     return 0
 
@@ -166,8 +151,7 @@ def cmd_sql(args: argparse.Namespace) -> int:
     import sqlalchemy as sa
 
     settings = _settings(args)
-    context, database = _open(settings)
-    try:
+    with _database(settings) as database:
         with database.engine.connect() as conn:
             result = conn.execute(sa.text(args.query))
             if result.returns_rows:
@@ -180,8 +164,6 @@ def cmd_sql(args: argparse.Namespace) -> int:
                     print(" | ".join(v.ljust(w) for v, w in zip(row, widths)))
                 print(f"({len(rows)} rows)")
             conn.commit()
-    finally:
-        context.__exit__(None, None, None)
     return 0
 
 
@@ -189,11 +171,8 @@ def cmd_db_url(args: argparse.Namespace) -> int:
     from .db import redact
 
     settings = _settings(args)
-    context, database = _open(settings, migrate=False)
-    try:
+    with _database(settings, migrate=False) as database:
         print(database.url if database.embedded else redact(database.url))
-    finally:
-        context.__exit__(None, None, None)
     return 0
 
 
@@ -201,14 +180,11 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from .analysis import load_run, run_analysis, write_report
 
     settings = _settings(args)
-    context, database = _open(settings)
-    try:
+    with _database(settings) as database:
         run_id = args.run or run_analysis(database.engine, top=args.top,
                                           unique_ratio=args.unique_ratio,
                                           progress=None if args.quiet else sys.stderr)
         run = load_run(database.engine, run_id)
-    finally:
-        context.__exit__(None, None, None)
     both = not (args.csv or args.html)
     out = Path(args.out) if args.out else Path(f"tag-analysis-{run.id}")
     paths = write_report(run, out, csv_report=args.csv or both, html_report=args.html or both)
@@ -227,14 +203,12 @@ def cmd_select_features(args: argparse.Namespace) -> int:
 
     if args.auto:
         settings = _settings(args)
-        context, database = _open(settings)
         try:
-            run = load_run(database.engine, args.run)
+            with _database(settings) as database:
+                run = load_run(database.engine, args.run)
         except AnalysisError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-        finally:
-            context.__exit__(None, None, None)
         selection = select_features(
             [dataclasses.asdict(t) for t in run.tags], max_missing=args.max_missing,
             column_rows=[dataclasses.asdict(c) for c in run.columns], run_id=run.id,

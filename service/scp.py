@@ -21,6 +21,15 @@ from .ingest import Ingestor
 log = logging.getLogger(__name__)
 
 
+def ingestor_for(settings: Settings, engine: Any) -> Ingestor:
+    """The ingest path as configured (storage, queue stages, batch size); call ``start()``
+    or use it as a context manager."""
+    from .storage import FileStore
+
+    return Ingestor(engine, FileStore(settings.storage_path), stages=settings.queue_stages,
+                    batch_max=settings.commit_batch_max)
+
+
 def handle_store(request: StoreRequest, ingestor: Ingestor) -> int:
     """C-STORE handler: frame the received dataset as a Part 10 file and ingest it."""
     try:
@@ -120,18 +129,22 @@ def start_listener(settings: Settings, ingestor: Ingestor, *, reuse_port: bool =
     return server.start()
 
 
+def _child_stop_event() -> threading.Event:
+    """A child process stops on the SIGTERM its parent sends; Ctrl-C is the parent's to handle."""
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    return stop
+
+
 def _child_main(settings: Settings, database_url: str, ready: Any) -> None:
     from .db import create_db_engine
     from .logs import setup_logging
-    from .storage import FileStore
 
     setup_logging(settings)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
+    stop = _child_stop_event()
     engine = create_db_engine(database_url, pool_size=2)
-    ingestor = Ingestor(engine, FileStore(settings.storage_path), stages=settings.queue_stages,
-                        batch_max=settings.commit_batch_max)
+    ingestor = ingestor_for(settings, engine)
     ingestor.start(resolve=False)
     server = start_listener(settings, ingestor, reuse_port=True)
     ready.set()
@@ -158,9 +171,7 @@ def _tags_worker_main(settings: Settings, database_url: str, ready: Any) -> None
 
     setup_logging(settings)
     os.nice(TAGS_WORKER_NICENESS)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    stop = _child_stop_event()
     engine = create_db_engine(database_url, pool_size=2)
     worker = TagsWorker(engine, name=f"{os.getpid()}/tags",
                         vocabulary=load_vocabulary(settings.site_vocabulary)).start()
