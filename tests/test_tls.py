@@ -39,6 +39,14 @@ def pki(tmp_path_factory) -> Path:
     return directory
 
 
+@pytest.fixture
+def tls_service(service_factory, pki):
+    """A listener that speaks only TLS and wants a client certificate from the test CA."""
+    return service_factory(tls_certificate=pki / "server.crt",
+                           tls_private_key=pki / "server.key",
+                           tls_client_ca=pki / "ca.crt")
+
+
 def _client_context(pki: Path, *, with_certificate: bool) -> ssl.SSLContext:
     context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(pki / "ca.crt"))
     if with_certificate:
@@ -46,10 +54,8 @@ def _client_context(pki: Path, *, with_certificate: bool) -> ssl.SSLContext:
     return context
 
 
-def test_store_over_tls_with_client_certificate(service_factory, pki):
-    service = service_factory(tls_certificate=pki / "server.crt",
-                              tls_private_key=pki / "server.key",
-                              tls_client_ca=pki / "ca.crt")
+def test_store_over_tls_with_client_certificate(tls_service, pki):
+    service = tls_service
     ae = scu_ae()
     assoc = ae.associate("127.0.0.1", service.port, ae_title="PACS_TEST",
                          tls_args=(_client_context(pki, with_certificate=True), "localhost"))
@@ -59,10 +65,8 @@ def test_store_over_tls_with_client_certificate(service_factory, pki):
     assert service.scalar("SELECT count(*) FROM instances") == 1
 
 
-def test_tls_refuses_clients_without_a_certificate_and_plain_tcp(service_factory, pki):
-    service = service_factory(tls_certificate=pki / "server.crt",
-                              tls_private_key=pki / "server.key",
-                              tls_client_ca=pki / "ca.crt")
+def test_tls_refuses_clients_without_a_certificate_and_plain_tcp(tls_service, pki):
+    service = tls_service
     ae = scu_ae()
     anonymous = ae.associate("127.0.0.1", service.port, ae_title="PACS_TEST",
                              tls_args=(_client_context(pki, with_certificate=False), "localhost"))
