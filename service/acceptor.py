@@ -545,10 +545,6 @@ class DicomServer:
                 self._active -= 1
                 self._connections.discard(conn)
 
-    @property
-    def active_associations(self) -> int:
-        return self._active
-
     def shutdown(self, grace: float = 30.0) -> None:
         """Stop accepting; end open associations once their current store is answered."""
         self._stopped.set()

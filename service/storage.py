@@ -183,11 +183,6 @@ class FileStore:
             self._remove_if_ours(pending.temp, pending.final)
         os.unlink(pending.temp)
 
-    def abandon(self, pending: PendingFile) -> None:
-        """The row was certainly not committed: remove every trace."""
-        self._remove_if_ours(pending.temp, pending.final)
-        _unlink_quietly(pending.temp)
-
     @staticmethod
     def _remove_if_ours(temp: Path, final: Path) -> None:
         try:

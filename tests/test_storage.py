@@ -40,14 +40,6 @@ def test_written_file_has_two_names_until_finished(tmp_path):
     assert pending.final.read_bytes() == b"payload"
 
 
-def test_abandon_removes_both_names(tmp_path):
-    store = FileStore(tmp_path)
-    store.prepare()
-    pending = store.write("ab/1/2/3.dcm", b"payload")
-    store.abandon(pending)
-    assert not pending.temp.exists() and not pending.final.exists()
-
-
 def test_duplicate_never_overwrites_the_first_file(tmp_path):
     store = FileStore(tmp_path)
     store.prepare()
