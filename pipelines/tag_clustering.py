@@ -16,7 +16,7 @@ import numpy as np
 
 from .gower import GowerData, NumericRanges, fit_ranges, gower_matrix, gower_to_medoids, subset_rows
 from .kmedoids import KMedoids
-from .model_selection import choose_k
+from .model_selection import choose_k, silhouette_samples
 
 PAPER_CANDIDATES = (5, 10, 15, 20, 100, 200, 300)
 
@@ -60,6 +60,15 @@ class TagClusterModel:
     n_profiles: int
     n_profiles_clustered: int
     profile_labels: np.ndarray = field(repr=False)
+    medoid_rows: np.ndarray = field(repr=False, default_factory=lambda: np.empty(0, np.intp))
+    sample_rows: np.ndarray = field(repr=False, default_factory=lambda: np.empty(0, np.intp))
+    sample_weights: np.ndarray = field(repr=False, default_factory=lambda: np.empty(0))
+    sample_silhouettes: np.ndarray = field(repr=False, default_factory=lambda: np.empty(0))
+
+    @property
+    def sample_labels(self) -> np.ndarray:
+        """Cluster (medoid index) of every clustered profile, alias of ``profile_labels``."""
+        return self.profile_labels
 
     def assign(self, data: GowerData, *, chunk_rows: int = 16384) -> tuple[np.ndarray, np.ndarray]:
         """Nearest medoid (label, Gower distance) of every row, O(n K); method.md A.7."""
@@ -74,13 +83,25 @@ def fit_tag_clusters(
     max_profiles: int = 5000,
     feature_weights: np.ndarray | None = None,
     random_state: int = 0,
+    counts: np.ndarray | None = None,
 ) -> TagClusterModel:
     """K by weighted mean silhouette over ``candidates``, then weighted K-medoids (A.5, A.6).
 
     Numeric ranges are frozen from all the data given here, so later assignments do not
     depend on what they are batched with.
+
+    ``counts``: the rows of ``data`` are already distinct profiles and ``counts[i]`` is how
+    many instances share row i (e.g. grouped in SQL); default: group ``data`` here. The
+    returned ``medoid_rows`` and ``sample_rows`` index rows of ``data`` in that case, and
+    rows of the distinct profiles otherwise.
     """
-    profiles = distinct_profiles(data)
+    if counts is None:
+        profiles = distinct_profiles(data)
+    else:
+        counts = np.asarray(counts, dtype=np.float64).reshape(-1)
+        if counts.shape[0] != data.n_samples or np.any(counts <= 0):
+            raise ValueError("counts must hold one positive count per row of data")
+        profiles = Profiles(data, counts, np.arange(data.n_samples))
     ranges = fit_ranges(data)
     chosen = np.arange(profiles.data.n_samples)
     if chosen.size > max_profiles:
@@ -98,6 +119,7 @@ def fit_tag_clusters(
                              random_state=random_state)
     model = KMedoids(best_k, random_state=random_state).fit(distances, sample_weight=weights)
     medoids = subset_rows(sample, model.medoid_indices_)
+    silhouettes = silhouette_samples(distances, model.labels_, sample_weight=weights)
     return TagClusterModel(
         medoids=medoids,
         ranges=ranges,
@@ -108,4 +130,8 @@ def fit_tag_clusters(
         n_profiles=profiles.data.n_samples,
         n_profiles_clustered=sample.n_samples,
         profile_labels=np.asarray(model.labels_),
+        medoid_rows=chosen[np.asarray(model.medoid_indices_)],
+        sample_rows=chosen,
+        sample_weights=weights,
+        sample_silhouettes=silhouettes,
     )

@@ -224,6 +224,77 @@ def cmd_select_features(args: argparse.Namespace) -> int:
     return 0
 
 
+def _candidates(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(sorted({int(v) for v in text.split(",") if v.strip()}))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of integers: {text!r}")
+    if not values or values[0] < 2:
+        raise argparse.ArgumentTypeError("candidate K values must be integers >= 2")
+    return values
+
+
+EXIT_LOCKED = 75  # EX_TEMPFAIL: another recluster runs; cron may simply try again later
+
+
+def cmd_recluster(args: argparse.Namespace) -> int:
+    from parsers.selection import FeatureSelection, SelectionError, default_selection
+
+    from .tag_clusters import ReclusterError, ReclusterLocked, ReclusterOptions, recluster
+
+    try:
+        selection = (FeatureSelection.from_json(Path(args.features).read_text(encoding="utf-8"))
+                     if args.features else default_selection())
+    except (OSError, SelectionError) as exc:
+        print(f"error: feature selection {args.features}: {exc}", file=sys.stderr)
+        return 2
+    options = ReclusterOptions(
+        selection=selection, candidates=args.candidates, max_profiles=args.max_profiles,
+        random_state=args.seed, partition_rows=args.partition_rows, scheduler=args.scheduler,
+        n_workers=args.workers, keep_runs=args.keep_runs, force=args.force,
+        restart=args.restart)
+    progress = None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
+    settings = _settings(args)
+    with _database(settings) as database:
+        try:
+            summary = recluster(database.engine, database.url, options, progress=progress)
+        except ReclusterLocked as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_LOCKED
+        except ReclusterError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        if summary.status == "finished":
+            print(f"run {summary.run_id}: K = {summary.k}, silhouette {summary.silhouette:.3f}, "
+                  f"{summary.assigned:,} instances assigned in "
+                  f"{summary.timings.get('total', 0):.1f} s; now active")
+        else:
+            print(f"run {summary.run_id} is still current: nothing changed")
+        if args.report:
+            return _write_cluster_report(database.engine, summary.run_id, Path(args.report))
+    return 0
+
+
+def _write_cluster_report(engine, run_id: int | None, out: Path) -> int:
+    from .cluster_report import render_cluster_report
+    from .tag_clusters import ReclusterError, report_data
+
+    try:
+        data = report_data(engine, run_id)
+    except ReclusterError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {render_cluster_report(data, out)}")
+    return 0
+
+
+def cmd_cluster_report(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    with _database(settings) as database:
+        out = Path(args.out or f"tag-clusters-{args.run or 'active'}")
+        return _write_cluster_report(database.engine, args.run, out)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pacs-annotate",
@@ -300,6 +371,41 @@ def build_parser() -> argparse.ArgumentParser:
     select.add_argument("--max-columns", type=int, help="keep at most this many (--auto)")
     select.add_argument("--out", help="write the selection JSON here instead of stdout")
     select.set_defaults(func=cmd_select_features)
+
+    recluster = sub.add_parser(
+        "recluster", parents=[common],
+        help="the nightly job: cluster the parsed tags (Gower + K-medoids, K by silhouette), "
+             "assign every instance, keep labels stable, switch the active run")
+    recluster.add_argument("--features", help="feature selection JSON (from select-features); "
+                                              "default: the shipped list")
+    recluster.add_argument("--candidates", type=_candidates, default=(5, 10, 15, 20, 100, 200, 300),
+                           help="candidate K values, comma-separated (default: the paper's "
+                                "5,10,15,20,100,200,300)")
+    recluster.add_argument("--max-profiles", type=int, default=5000,
+                           help="distinct profiles clustered at most (a sample weighted by "
+                                "instance count beyond that)")
+    recluster.add_argument("--partition-rows", type=int, default=50_000,
+                           help="instances per assignment task")
+    recluster.add_argument("--scheduler", help="address of a dask.distributed scheduler "
+                                               "(default: a local cluster)")
+    recluster.add_argument("--workers", type=int, help="local Dask worker processes "
+                                                       "(default: one per CPU)")
+    recluster.add_argument("--seed", type=int, default=0)
+    recluster.add_argument("--keep-runs", type=int, default=3,
+                           help="finished runs whose assignments are kept")
+    recluster.add_argument("--force", action="store_true",
+                           help="run even when nothing changed since the active run")
+    recluster.add_argument("--restart", action="store_true",
+                           help="abandon an unfinished run instead of resuming it")
+    recluster.add_argument("--report", help="write the run's HTML report to this folder")
+    recluster.add_argument("--quiet", action="store_true", help="no progress lines")
+    recluster.set_defaults(func=cmd_recluster)
+
+    report = sub.add_parser("cluster-report", parents=[common],
+                            help="HTML report of a tag clustering run (default: the active one)")
+    report.add_argument("--run", type=int)
+    report.add_argument("--out", help="folder (default ./tag-clusters-RUN)")
+    report.set_defaults(func=cmd_cluster_report)
 
     sub.add_parser("db-url", parents=[common],
                    help="print the database URL (password hidden)").set_defaults(func=cmd_db_url)

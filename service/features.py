@@ -19,6 +19,7 @@ from sqlalchemy.engine import Engine
 from parsers import FEATURE_COLUMNS, PARSER_VERSION, Vocabulary, parse_instance
 
 from . import work_queue
+from .tag_clusters import ActiveModelCache, assign_new_instances
 
 log = logging.getLogger(__name__)
 
@@ -86,16 +87,26 @@ def write_features(conn: sa.Connection, rows: list[dict[str, Any]]) -> None:
                                                   separators=(",", ":"))})
 
 
+_ACTIVE_TAG_MODEL = ActiveModelCache()
+
+
 def process_queue_batch(engine: Engine, worker: str, *, limit: int = 200,
-                        vocabulary: Vocabulary | None = None) -> int:
-    """Parse one claimed batch of the ``tags`` stage; returns how many were claimed."""
+                        vocabulary: Vocabulary | None = None,
+                        tag_model: ActiveModelCache = _ACTIVE_TAG_MODEL) -> int:
+    """Parse one claimed batch of the ``tags`` stage; returns how many were claimed.
+
+    In the same transaction the new features are assigned to the active tag clustering
+    run's nearest medoid, so ``instance_tag_cluster`` has them as soon as they are parsed.
+    """
     claims = work_queue.claim(engine, STAGE, worker, limit)
     if not claims:
         return 0
     try:
         with engine.begin() as conn:
             tags = dict(conn.execute(_TAGS, {"uids": [c.sop_instance_uid for c in claims]}).all())
-            write_features(conn, feature_rows(tags.items(), vocabulary))
+            rows = feature_rows(tags.items(), vocabulary)
+            write_features(conn, rows)
+            assign_new_instances(conn, tag_model, rows)
     except Exception as exc:
         # parsing is total, so this is the database or a bug: retry each item later
         log.exception("tag parsing batch failed")
