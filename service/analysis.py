@@ -35,10 +35,11 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from parsers import FEATURE_COLUMNS, PARSERS
+from service.html_report import (  # a top value longer than MAX_VALUE_CHARS is shown cut
+    MAX_VALUE_CHARS, bar, page_end, page_start, value_text)
 
 log = logging.getLogger(__name__)
 
-MAX_VALUE_CHARS = 256  # a top value longer than this is shown cut (counted whole)
 
 # A value counts as missing when the key is absent or holds one of these.
 _EMPTY = "('null'::jsonb, '\"\"'::jsonb, '[]'::jsonb, '{}'::jsonb)"
@@ -352,45 +353,9 @@ def write_columns_csv(run: AnalysisRun, out: TextIO) -> None:
 
 
 _STYLE = """
-body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222}
-table{border-collapse:collapse;margin:.5em 0 1.5em}
-th,td{border:1px solid #ccc;padding:2px 6px;text-align:left;vertical-align:top}
-th{background:#f0f0f0;cursor:pointer;user-select:none}
-th.asc:after{content:" \\25B2"} th.desc:after{content:" \\25BC"}
-td.n{text-align:right;font-variant-numeric:tabular-nums}
-.bar{display:inline-block;width:120px;height:10px;background:#e6eef7;vertical-align:middle;
-     margin-right:6px;border:1px solid #bcd}
-.bar span{display:block;height:100%;background:#d9534f}
+.bar span{background:#d9534f}
 .bar.share span{background:#4a7fb5}
-code{white-space:pre-wrap;word-break:break-all}
-.muted{color:#777}
-"""
-
-# A click on a header sorts its table by that column; cells sort by data-v when set.
-_SCRIPT = """
-document.querySelectorAll("table.sortable th").forEach(function (th, col) {
-  th.addEventListener("click", function () {
-    var table = th.closest("table"), body = table.tBodies[0];
-    var dir = th.classList.contains("asc") ? -1 : 1;
-    table.querySelectorAll("th").forEach(function (h) { h.classList.remove("asc", "desc"); });
-    th.classList.add(dir > 0 ? "asc" : "desc");
-    var key = function (tr) {
-      var td = tr.cells[col], v = td.getAttribute("data-v");
-      return v !== null ? parseFloat(v) : td.textContent.toLowerCase();
-    };
-    Array.from(body.rows).sort(function (a, b) {
-      var x = key(a), y = key(b);
-      return (x < y ? -1 : x > y ? 1 : 0) * dir;
-    }).forEach(function (tr) { body.appendChild(tr); });
-  });
-});
-"""
-
-
-def _bar(share: float, *, css: str = "bar") -> str:
-    share = min(max(share, 0.0), 1.0)
-    return (f'<span class="{css}" title="{100 * share:.1f}%"><span style="width:'
-            f'{100 * share:.1f}%"></span></span>{100 * share:.1f}%')
+"""  # this page's own rules, after html_report.STYLE: missing shares red, value shares blue
 
 
 def _num(value: int | float | None, shown: str | None = None) -> str:
@@ -409,8 +374,7 @@ def render_html(run: AnalysisRun) -> str:
     e = html.escape
     out = io.StringIO()
     w = out.write
-    w('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-      f"<title>Tag analysis run {run.id}</title><style>{_STYLE}</style></head><body>\n")
+    w(page_start(f"Tag analysis run {run.id}", _STYLE))
     w(f"<h1>Tag analysis, run {run.id}</h1>\n<p>{run.instances or 0:,} instances "
       f"({run.feature_instances or 0:,} with parsed features), {len(run.tags)} tags; "
       f"started {e(str(run.started_at))}, finished {e(str(run.finished_at))}, status "
@@ -421,10 +385,10 @@ def render_html(run: AnalysisRun) -> str:
       "<th>present</th><th>missing</th><th>distinct</th><th>unique per record</th>"
       "<th>parse failures</th><th>most frequent value</th></tr></thead><tbody>\n")
     for t in run.tags:
-        first = (f"<code>{e(t.top_values[0][0])}</code> ({t.top_values[0][1]:,})"
+        first = (f"<code>{value_text(t.top_values[0][0])}</code> ({t.top_values[0][1]:,})"
                  if t.top_values else '<span class="muted">-</span>')
         w(f'<tr><td><a href="#{_anchor(t.keyword)}">{e(t.keyword)}</a></td>{_num(t.present)}'
-          f'<td data-v="{t.missing_share:.6f}">{_bar(t.missing_share)}</td>'
+          f'<td data-v="{t.missing_share:.6f}">{bar(t.missing_share)}</td>'
           f'{_num(t.distinct_values)}<td>{"yes" if t.is_unique_per_record else "no"}</td>'
           f"{_num(t.parse_failures)}<td>{first}</td></tr>\n")
     w("</tbody></table>\n")
@@ -434,7 +398,7 @@ def render_html(run: AnalysisRun) -> str:
           "<th>column</th><th>source</th><th>kind</th><th>present</th><th>missing</th>"
           "<th>parse failures</th></tr></thead><tbody>\n")
         for c in run.columns:
-            missing = (f'<td data-v="{c.missing_share:.6f}">{_bar(c.missing_share)}</td>'
+            missing = (f'<td data-v="{c.missing_share:.6f}">{bar(c.missing_share)}</td>'
                        if c.missing_share is not None else '<td data-v="-1"></td>')
             w(f"<tr><td>{e(c.column)}</td><td>{e(c.source)}</td><td>{e(c.kind)}</td>"
               f"{_num(c.present)}{missing}{_num(c.parse_failures)}</tr>\n")
@@ -450,8 +414,8 @@ def render_html(run: AnalysisRun) -> str:
           "<th>value</th><th>instances</th><th>share of instances</th></tr></thead><tbody>\n")
         total = run.instances or 1
         for value, count in t.top_values:
-            w(f"<tr><td><code>{e(value)}</code></td>{_num(count)}"
-              f'<td data-v="{count / total:.6f}">{_bar(count / total, css="bar share")}</td>'
+            w(f"<tr><td><code>{value_text(value)}</code></td>{_num(count)}"
+              f'<td data-v="{count / total:.6f}">{bar(count / total, css="bar share")}</td>'
               "</tr>\n")
         w("</tbody></table>\n")
         if t.parse_failures:
@@ -462,7 +426,7 @@ def render_html(run: AnalysisRun) -> str:
                 w(f"<tr><td><code>{e(str(example.get('raw')))}</code></td>"
                   f"<td>{e(str(example.get('reason')))}</td>{_num(example.get('count'))}</tr>\n")
             w("</tbody></table>\n")
-    w(f"<script>{_SCRIPT}</script>\n</body></html>\n")
+    w(page_end())
     return out.getvalue()
 
 

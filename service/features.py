@@ -19,7 +19,7 @@ from sqlalchemy.engine import Engine
 from parsers import FEATURE_COLUMNS, PARSER_VERSION, Vocabulary, parse_instance
 
 from . import work_queue
-from .tag_clusters import ActiveModelCache, assign_new_instances
+from .tag_clusters import ActiveModelCache, assign_new_instances, assign_unassigned
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +117,14 @@ def process_queue_batch(engine: Engine, worker: str, *, limit: int = 200,
     return len(claims)
 
 
+def sweep_unassigned(engine: Engine, tag_model: ActiveModelCache, *, limit: int = 20_000) -> int:
+    """Assign parsed instances the active tag clustering run has no label for: a batch that
+    met a run switch, or a recluster that stopped right after switching."""
+    with engine.begin() as conn:
+        model = tag_model.active(conn)
+        return 0 if model is None else assign_unassigned(conn, model, limit=limit)
+
+
 class TagsWorker:
     """Background thread that keeps ``instance_features`` up to date as instances arrive."""
 
@@ -128,6 +136,7 @@ class TagsWorker:
         self.batch = batch
         self.idle_sleep = idle_sleep
         self.stale_after = stale_after
+        self.tag_model = ActiveModelCache()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -142,9 +151,10 @@ class TagsWorker:
             try:
                 if time.monotonic() - last_sweep > self.stale_after:
                     work_queue.release_stale(self.engine, STAGE, self.stale_after)
+                    sweep_unassigned(self.engine, self.tag_model)
                     last_sweep = time.monotonic()
                 done = process_queue_batch(self.engine, self.name, limit=self.batch,
-                                           vocabulary=self.vocabulary)
+                                           vocabulary=self.vocabulary, tag_model=self.tag_model)
             except sa.exc.DBAPIError as exc:
                 log.warning("tags worker waiting for the database: %s", exc.orig)
                 done = 0

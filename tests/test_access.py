@@ -23,6 +23,8 @@ def test_readonly_role_reads_the_views(engine, tmp_path):
             "SELECT modality, study_date FROM radiology_instances")).one()
         columns = set(conn.execute(sa.text("SELECT * FROM radiology_instances")).keys())
         conn.execute(sa.text("SELECT count(*) FROM radiology_features")).scalar()
+        conn.execute(sa.text("SELECT count(*) FROM instance_tag_cluster")).scalar()
+        conn.execute(sa.text("SELECT count(*) FROM tag_clusters")).scalar()
     assert row.modality == "CT"
     assert not columns & {"patient_id", "patient_name", "patient_birth_date",
                           "accession_number", "tags", "file_path"}

@@ -283,3 +283,22 @@ def test_cli_recluster_exit_codes_report_and_lock(archive, settings, tmp_path, c
     with pytest.raises(SystemExit) as exit_info:
         main(["recluster", "--candidates", "1,x"])
     assert exit_info.value.code == 2
+
+
+def test_the_worker_sweep_labels_instances_a_run_switch_left_out(archive, database_url):
+    engine, group_of = archive
+    summary = tag_clusters.recluster(engine, database_url, _options())
+    missing = sorted(group_of)[:5]
+    with engine.begin() as conn:
+        conn.execute(sa.text(
+            "DELETE FROM tag_cluster_assignments WHERE sop_instance_uid = ANY(:uids)"),
+            {"uids": missing})
+    assert not set(missing) & _labels(engine).keys()
+    cache = tag_clusters.ActiveModelCache()
+    assert features.sweep_unassigned(engine, cache) == 5
+    assert features.sweep_unassigned(engine, cache) == 0
+    assert _labels(engine).keys() == group_of.keys()
+    with engine.connect() as conn:
+        assert conn.execute(sa.text(
+            "SELECT count(DISTINCT run_id) FROM tag_cluster_assignments")).scalar() == 1
+    assert summary.run_id == cache.active(engine.connect()).run_id
