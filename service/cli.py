@@ -80,17 +80,89 @@ def cmd_worker(args: argparse.Namespace) -> int:
     import os
     import socket
 
+    settings = _settings(args)
+    name = f"{socket.gethostname()}:{os.getpid()}/{args.stage}"
+    if args.stage == "image":
+        return _run_image_worker(settings, name, args)
     from .features import TagsWorker
 
-    settings = _settings(args)
     vocabulary = _vocabulary(settings)
     with _database(settings) as database:
         stop = _stop_on_signals()
-        worker = TagsWorker(database.engine, name=f"{socket.gethostname()}:{os.getpid()}/tags",
-                            vocabulary=vocabulary, batch=args.batch).start()
+        worker = TagsWorker(database.engine, name=name, vocabulary=vocabulary,
+                            batch=args.batch or 200).start()
         log.info("tags worker running")
         stop.wait()
         worker.stop()
+    return 0
+
+
+def _run_image_worker(settings: Settings, name: str, args: argparse.Namespace) -> int:
+    from pipelines.backbone import WeightsMissingError, load_backbone
+
+    from .image_worker import ImageWorker, enqueue_missing, resolve_device
+
+    device = resolve_device(settings.image_device)
+    try:
+        backbone = load_backbone(settings.image_weights, device=device)
+    except (WeightsMissingError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    with _database(settings) as database:
+        stop = _stop_on_signals()
+        queued = enqueue_missing(database.engine)
+        if queued:
+            log.info("queued the image backlog", extra={"instances": queued})
+        with ImageWorker(database.engine, backbone, storage_root=settings.storage_path,
+                         feature_store=settings.feature_store_path, name=name,
+                         batch=args.batch or settings.image_batch,
+                         decode_workers=settings.image_decode_workers,
+                         max_attempts=settings.image_max_attempts) as worker:
+            log.info("image worker running", extra={"device": device,
+                                                    "model_version": backbone.model_version})
+            if args.drain:
+                while worker.run_once():
+                    pass
+            else:
+                worker.run(stop)
+        print(json.dumps({"worker": name, **worker.stats}))
+    return 0
+
+
+def cmd_train_backbone(args: argparse.Namespace) -> int:
+    from pipelines.backbone_training import train_backbone
+
+    from .backbone_data import build_training_set
+
+    settings = _settings(args)
+    out = Path(args.out)
+    say = (lambda line: print(line, file=sys.stderr, flush=True))
+    with _database(settings) as database:
+        try:
+            training = build_training_set(
+                database.engine, settings.storage_path, max_per_class=args.max_per_class,
+                min_per_class=args.min_per_class, size=args.size, seed=args.seed,
+                decode_workers=settings.image_decode_workers, progress=say)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    say(f"{len(training.labels):,} images, {len(training.classes)} tag clusters of run "
+        f"{training.tag_cluster_run} ({training.undecodable} not decodable"
+        + (f"; too few images: clusters {sorted(training.dropped_classes)}" if
+           training.dropped_classes else "") + ")")
+    result = train_backbone(
+        training.dataset, training.labels, classes=training.classes, checkpoint_dir=out,
+        tag_cluster_run=training.tag_cluster_run, epochs=args.epochs,
+        batch_size=args.batch_size, val_fraction=args.val_fraction, patience=args.patience,
+        device=None if settings.image_device == "auto" else settings.image_device,
+        seed=args.seed, resume=not args.restart,
+        progress=lambda record: say(
+            "epoch {epoch}: train loss {train_loss:.3f}, val accuracy {val_accuracy:.3f}"
+            .format(**record)))
+    print(f"best held-out accuracy {result.best_val_accuracy:.3f} at epoch {result.best_epoch} "
+          f"of {result.epochs_run}{' (stopped early)' if result.stopped_early else ''}; "
+          f"weights: {result.checkpoint_path}")
+    print(f"use them: PACS_IMAGE_WEIGHTS={result.checkpoint_path}")
     return 0
 
 
@@ -319,10 +391,33 @@ def build_parser() -> argparse.ArgumentParser:
         func=cmd_migrate)
 
     worker = sub.add_parser("worker", parents=[common],
-                            help="parse tags of new instances into instance_features "
-                                 "(serve runs one too unless PACS_TAGS_WORKER=false)")
-    worker.add_argument("--batch", type=int, default=200)
+                            help="--stage tags: parse tags of new instances into "
+                                 "instance_features (serve runs one too unless "
+                                 "PACS_TAGS_WORKER=false); --stage image: DenseNet121 features "
+                                 "of stored images (GPU when present)")
+    worker.add_argument("--stage", choices=["tags", "image"], default="tags")
+    worker.add_argument("--batch", type=int, help="items per claim (tags: 200; image: "
+                                                  "PACS_IMAGE_BATCH)")
+    worker.add_argument("--drain", action="store_true",
+                        help="image: stop when the queue is empty instead of waiting")
     worker.set_defaults(func=cmd_worker)
+
+    train = sub.add_parser("train-backbone", parents=[common],
+                           help="train DenseNet121 on this site's images to predict their tag "
+                                "cluster (weights for the image worker when no ImageNet file "
+                                "is configured)")
+    train.add_argument("--out", default="data/backbone",
+                       help="checkpoint folder (best.pt, last.pt); training resumes from it")
+    train.add_argument("--epochs", type=int, default=30)
+    train.add_argument("--batch-size", type=int, default=32)
+    train.add_argument("--val-fraction", type=float, default=0.2)
+    train.add_argument("--patience", type=int, default=5)
+    train.add_argument("--max-per-class", type=int, default=2000)
+    train.add_argument("--min-per-class", type=int, default=10)
+    train.add_argument("--size", type=int, default=224, help="input size in pixels")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--restart", action="store_true", help="do not resume from --out")
+    train.set_defaults(func=cmd_train_backbone)
 
     reparse = sub.add_parser("reparse", parents=[common],
                              help="re-parse the archive's tags after a parser or vocabulary "

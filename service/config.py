@@ -50,6 +50,12 @@ class Settings:
     tls_certificate: Path | None = None
     tls_private_key: Path | None = None
     tls_client_ca: Path | None = None
+    image_weights: Path | None = None
+    feature_store_dir: Path | None = None
+    image_device: str = "auto"
+    image_batch: int = 64
+    image_decode_workers: int = 0
+    image_max_attempts: int = 3
     log_level: str = "INFO"
     log_format: str = "json"
     network_timeout: float = 60.0
@@ -59,6 +65,11 @@ class Settings:
     @property
     def storage_path(self) -> Path:
         return self.storage_dir if self.storage_dir is not None else self.data_dir / "storage"
+
+    @property
+    def feature_store_path(self) -> Path:
+        return (self.feature_store_dir if self.feature_store_dir is not None
+                else self.data_dir / "features")
 
     @property
     def pgdata_path(self) -> Path:
@@ -92,6 +103,15 @@ class Settings:
             raise ConfigError("tls_certificate and tls_private_key go together")
         if self.tls_client_ca is not None and self.tls_certificate is None:
             raise ConfigError("tls_client_ca needs tls_certificate and tls_private_key")
+        if self.image_batch < 1:
+            raise ConfigError("image_batch must be at least 1")
+        if self.image_decode_workers < 0:
+            raise ConfigError("image_decode_workers must be 0 (one per CPU) or more")
+        if self.image_max_attempts < 1:
+            raise ConfigError("image_max_attempts must be at least 1")
+        if self.image_device != "auto" and not re.fullmatch(r"cpu|cuda(:\d+)?",
+                                                            self.image_device):
+            raise ConfigError(f"image_device {self.image_device!r}: auto, cpu, cuda or cuda:N")
         if self.log_format not in ("json", "text"):
             raise ConfigError("log_format must be 'json' or 'text'")
         return self
@@ -118,6 +138,12 @@ ENV_VARS: dict[str, str] = {
     "PACS_TLS_CERTIFICATE": "tls_certificate",
     "PACS_TLS_PRIVATE_KEY": "tls_private_key",
     "PACS_TLS_CLIENT_CA": "tls_client_ca",
+    "PACS_IMAGE_WEIGHTS": "image_weights",
+    "PACS_FEATURE_STORE_DIR": "feature_store_dir",
+    "PACS_IMAGE_DEVICE": "image_device",
+    "PACS_IMAGE_BATCH": "image_batch",
+    "PACS_IMAGE_DECODE_WORKERS": "image_decode_workers",
+    "PACS_IMAGE_MAX_ATTEMPTS": "image_max_attempts",
     "PACS_LOG_LEVEL": "log_level",
     "PACS_LOG_FORMAT": "log_format",
     "PACS_NETWORK_TIMEOUT": "network_timeout",

@@ -25,6 +25,7 @@ from sqlalchemy import (
     UniqueConstraint,
     text,
 )
+from pgvector.sqlalchemy import Vector
 from sqlalchemy.dialects.postgresql import JSONB, TIMESTAMP
 
 metadata = MetaData()
@@ -291,4 +292,27 @@ tag_cluster_assignments = Table(
     Column("medoid_index", SmallInteger, nullable=False),
     Column("distance", REAL, nullable=False),
     _ts("assigned_at", nullable=False, server_default=NOW),
+)
+
+IMAGE_FEATURE_DIM = 1024
+
+image_features = Table(
+    "image_features",
+    metadata,
+    Column("sop_instance_uid", Text, ForeignKey("instances.sop_instance_uid", ondelete="CASCADE"),
+           primary_key=True),
+    Column("model_version", Text, nullable=False),
+    Column("status", Text, nullable=False),
+    Column("skip_reason", Text),
+    Column("frame", Integer),
+    Column("feature", Vector(IMAGE_FEATURE_DIM)),
+    Column("map_shard", Text),
+    Column("map_index", Integer),
+    _ts("computed_at", nullable=False, server_default=NOW),
+    CheckConstraint("status IN ('done', 'skipped')", name="ck_image_features_status"),
+    CheckConstraint("status <> 'done' OR (feature IS NOT NULL AND map_shard IS NOT NULL)",
+                    name="ck_image_features_done"),
+    Index("ix_image_features_model_version", "model_version"),
+    Index("ix_image_features_feature", "feature", postgresql_using="hnsw",
+          postgresql_ops={"feature": "vector_cosine_ops"}),
 )
