@@ -426,39 +426,25 @@ def _insert_assignments(conn: sa.Connection, run_id: int, uids: Sequence[str],
 
 def _run_partitions(url: str, model: StoredTagModel, partitions: Sequence[Partition],
                     options: ReclusterOptions, progress: Progress | None) -> int:
-    """Assign the partitions on Dask: a local cluster of processes, or the
-    dask.distributed scheduler at ``options.scheduler``."""
-    from dask.distributed import Client, LocalCluster, as_completed
+    """Assign the partitions on Dask: a local cluster, or ``options.scheduler``."""
+    from functools import partial
 
-    if options.scheduler:
-        client = Client(options.scheduler)
-    else:
-        import os
+    from pipelines.tag_clustering import PartitionAssignmentError, run_partition_tasks
 
-        workers = options.n_workers or len(os.sched_getaffinity(0))
-        # processes: the assignment is numpy in a Python loop over chunks and holds the GIL
-        # part of the time; threads (processes=False) start faster for small archives
-        client = Client(LocalCluster(n_workers=workers, threads_per_worker=1,
-                                     processes=options.processes, dashboard_address=None))
-    total = 0
-    with client:
-        try:
-            shared_model = client.scatter(model, broadcast=True)
-            futures = {client.submit(assign_partition, url, shared_model, p, pure=False,
-                                     key=f"tag-cluster-run-{p.run_id}-partition-{p.index}"): p
-                       for p in partitions}
-            for done, future in enumerate(as_completed(futures), start=1):
-                try:
-                    total += future.result()
-                except Exception as exc:
-                    raise ReclusterError(f"partition {futures[future].index} failed: "
-                                         f"{type(exc).__name__}: {exc}") from exc
-                _say(progress, f"run {model.run_id}: {done}/{len(partitions)} partitions "
-                               f"assigned ({total:,} instances)")
-        finally:
-            if not options.scheduler:
-                client.cluster.close()
-    return total
+    def report(done: int, total: int) -> None:
+        _say(progress, f"run {model.run_id}: {done}/{total} partitions assigned")
+
+    try:
+        return run_partition_tasks(partial(assign_partition, url), model, partitions,
+                                   scheduler=options.scheduler, n_workers=options.n_workers,
+                                   processes=options.processes, progress=report)
+    except PartitionAssignmentError as exc:
+        raise ReclusterError(str(exc)) from exc
+    finally:
+        # thread workers (processes=False) left their engine in this process
+        engine = _ENGINES.pop(url, None)
+        if engine is not None:
+            engine.dispose()
 
 
 def _assign(engine: Engine, url: str, run: _Run, options: ReclusterOptions,

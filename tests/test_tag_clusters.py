@@ -301,4 +301,5 @@ def test_the_worker_sweep_labels_instances_a_run_switch_left_out(archive, databa
     with engine.connect() as conn:
         assert conn.execute(sa.text(
             "SELECT count(DISTINCT run_id) FROM tag_cluster_assignments")).scalar() == 1
-    assert summary.run_id == cache.active(engine.connect()).run_id
+    with engine.connect() as conn:
+        assert cache.active(conn).run_id == summary.run_id
