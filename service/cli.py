@@ -166,6 +166,111 @@ def cmd_train_backbone(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_image_model(args: argparse.Namespace) -> int:
+    from pipelines.ddiccir import PipelineConfig
+
+    from .image_annotation import train_image_model
+    from .image_worker import resolve_device
+
+    settings = _settings(args)
+    config = PipelineConfig(n_clusters=args.clusters, max_outer_iter=args.max_iterations,
+                            seed=args.seed, device=resolve_device(settings.image_device),
+                            use_layer2=not args.no_layer2, reiterate=not args.no_reiteration,
+                            pooling=args.pooling)
+    say = None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
+    with _database(settings) as database:
+        try:
+            model_id = train_image_model(
+                database.engine, settings.feature_store_path, settings.data_dir / "image_models",
+                config=config, max_images=args.max_images, progress=say)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    print(f"image model {model_id} is active")
+    return 0
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    import time
+
+    from pipelines.pixels import NotAnImage, PixelDecodeError
+
+    from .image_annotation import SimilarImages
+    from .image_worker import resolve_device
+
+    settings = _settings(args)
+    device = resolve_device(settings.image_device)
+    with _database(settings) as database:
+        similar = SimilarImages(database.engine, device=device)
+        started = time.perf_counter()
+        try:
+            if args.uid:
+                clusters, codes = similar.code_of(args.uid)
+            else:
+                import torch
+
+                from pipelines.backbone import extract_features, load_backbone
+                from pipelines.pixels import file_to_image
+
+                backbone = load_backbone(settings.image_weights, device=device)
+                image = torch.from_numpy(file_to_image(args.file))
+                maps, _ = extract_features(backbone, image[None])
+                clusters, codes = similar.code_maps(maps)
+            ranked = similar.rank(clusters, codes, args.top, exclude=args.uid)[0]
+        except (KeyError, ValueError, FileNotFoundError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        except (NotAnImage, PixelDecodeError) as exc:
+            print(f"error: {args.file}: {exc}", file=sys.stderr)
+            return 2
+        elapsed = time.perf_counter() - started
+        hits = similar.with_tags(ranked)
+    if args.json:
+        import dataclasses
+
+        print(json.dumps({"image_cluster": int(clusters[0]), "seconds": elapsed,
+                          "hits": [dataclasses.asdict(h) for h in hits]}, indent=2))
+        return 0
+    print(f"query in image cluster {int(clusters[0])} ({elapsed * 1000:.0f} ms)")
+    print(f"{'rank':>4}  {'score':>6}  {'cluster':>7}  {'tag cl.':>7}  {'modality':<8}  "
+          f"{'body part':<12}  SOP Instance UID")
+    for rank, hit in enumerate(hits, start=1):
+        print(f"{rank:>4}  {hit.score:6.3f}  {hit.image_cluster:>7}{'*' if hit.same_cluster else ' '}"
+              f" {'' if hit.tag_cluster is None else hit.tag_cluster:>7}  {hit.modality or '':<8}  "
+              f"{hit.body_part or '':<12}  {hit.sop_instance_uid}")
+    return 0
+
+
+def cmd_visual_check(args: argparse.Namespace) -> int:
+    import numpy as np
+    import sqlalchemy as sa
+    from pgvector.sqlalchemy import Vector
+
+    from pipelines.visual_check import visual_check
+
+    settings = _settings(args)
+    with _database(settings) as database, database.engine.connect() as conn:
+        rows = conn.execute(sa.select(sa.column("feature", Vector()), sa.column("tag_cluster"))
+                            .select_from(sa.text("image_features JOIN instance_tag_cluster "
+                                                 "USING (sop_instance_uid)"))
+                            .where(sa.text("status = 'done'"))).all()
+    if not rows:
+        print("error: no instance has both image features and a tag cluster", file=sys.stderr)
+        return 2
+    embeddings = np.stack([np.asarray(r[0], dtype=np.float64) for r in rows])
+    labels = np.array([r[1] for r in rows])
+    size = args.sample_size or len(rows) // args.samples
+    try:
+        result = visual_check(embeddings, labels, n_samples=args.samples, sample_size=size,
+                              random_state=args.seed)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{len(rows):,} images, {args.samples} samples of {size:,}: mean cosine distance to "
+          f"the tag-cluster mean vs with permuted labels: {result.format()}")
+    return 0
+
+
 def cmd_reparse(args: argparse.Namespace) -> int:
     from parsers import PARSER_VERSION
 
@@ -501,6 +606,38 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--run", type=int)
     report.add_argument("--out", help="folder (default ./tag-clusters-RUN)")
     report.set_defaults(func=cmd_cluster_report)
+
+    image_model = sub.add_parser(
+        "image-model", parents=[common],
+        help="fit the two-layer dictionary pipeline on the stored image features, annotate "
+             "every image (cluster, retrieval code) and make it the active image model")
+    image_model.add_argument("--clusters", type=int, default=15, help="k (Table 9: 15)")
+    image_model.add_argument("--max-iterations", type=int, default=15)
+    image_model.add_argument("--max-images", type=int, default=10_000,
+                             help="images the dictionaries are fitted on (a seeded sample)")
+    image_model.add_argument("--pooling", choices=["max", "average"], default="max")
+    image_model.add_argument("--no-layer2", action="store_true", help="ablation")
+    image_model.add_argument("--no-reiteration", action="store_true", help="ablation")
+    image_model.add_argument("--seed", type=int, default=0)
+    image_model.add_argument("--quiet", action="store_true")
+    image_model.set_defaults(func=cmd_image_model)
+
+    query = sub.add_parser("query", parents=[common],
+                           help="images similar to a DICOM file or a stored instance")
+    target = query.add_mutually_exclusive_group(required=True)
+    target.add_argument("file", nargs="?", help="a DICOM file")
+    target.add_argument("--uid", help="a stored SOP Instance UID")
+    query.add_argument("--top", type=int, default=20)
+    query.add_argument("--json", action="store_true")
+    query.set_defaults(func=cmd_query)
+
+    check = sub.add_parser("visual-check", parents=[common],
+                           help="do tag clusters group similar-looking images? (method.md A.8: "
+                                "paired t-test against permuted labels)")
+    check.add_argument("--samples", type=int, default=10)
+    check.add_argument("--sample-size", type=int, help="default: all images / samples")
+    check.add_argument("--seed", type=int, default=0)
+    check.set_defaults(func=cmd_visual_check)
 
     sub.add_parser("db-url", parents=[common],
                    help="print the database URL (password hidden)").set_defaults(func=cmd_db_url)

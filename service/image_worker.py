@@ -36,6 +36,7 @@ from sqlalchemy.engine import Engine
 
 from . import work_queue
 from .feature_store import write_shard
+from .image_annotation import ActiveImageModelCache, annotate_batch
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +129,7 @@ class ImageWorker:
         # spawn: the parent may hold CUDA state and threads, which fork would copy broken
         self._pool = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"))
         self.stats = {"done": 0, "skipped": 0, "retried": 0, "failed": 0}
+        self.image_model = ActiveImageModelCache(str(backbone.device))
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
@@ -158,6 +160,7 @@ class ImageWorker:
 
         decoded = [future.result() for future in futures]
         images = [d for d in decoded if d.image is not None]
+        maps = None
         rows = [{"sop": d.claim.sop_instance_uid, "model": self.backbone.model_version,
                  "status": "skipped", "reason": d.skipped[:500], "feature": None, "shard": None,
                  "index": None} for d in decoded if d.skipped is not None]
@@ -175,6 +178,10 @@ class ImageWorker:
         with self.engine.begin() as conn:
             if rows:
                 conn.execute(_UPSERT, rows)
+            if maps is not None:
+                # image cluster and retrieval code with the active image model (issue 7)
+                annotate_batch(conn, self.image_model, self.backbone.model_version,
+                               [d.claim.sop_instance_uid for d in images], maps)
             if finished:
                 conn.execute(_DONE, {"ids": finished})
         for d in decoded:

@@ -316,3 +316,40 @@ image_features = Table(
     Index("ix_image_features_feature", "feature", postgresql_using="hnsw",
           postgresql_ops={"feature": "vector_cosine_ops"}),
 )
+
+
+image_models = Table(
+    "image_models",
+    metadata,
+    Column("id", BigInteger, Identity(), primary_key=True),
+    _ts("started_at", nullable=False, server_default=NOW),
+    _ts("finished_at"),
+    Column("status", Text, nullable=False, server_default="training"),
+    Column("is_active", Boolean, nullable=False, server_default=text("false")),
+    Column("feature_model_version", Text, nullable=False),
+    Column("path", Text),
+    Column("parameters", JSONB, nullable=False, server_default="{}"),
+    Column("history", JSONB),
+    Column("timings", JSONB, nullable=False, server_default="{}"),
+    Column("images", BigInteger),
+    Column("annotated", BigInteger),
+    Column("error", Text),
+    CheckConstraint("status IN ('training', 'annotating', 'finished', 'failed')",
+                    name="ck_image_models_status"),
+    CheckConstraint("NOT is_active OR status = 'finished'", name="ck_image_models_active_finished"),
+    Index("ux_image_models_active", "is_active", unique=True,
+          postgresql_where=text("is_active")),
+)
+
+image_annotations = Table(
+    "image_annotations",
+    metadata,
+    Column("model_id", BigInteger, ForeignKey("image_models.id", ondelete="CASCADE"),
+           primary_key=True),
+    Column("sop_instance_uid", Text, ForeignKey("instances.sop_instance_uid", ondelete="CASCADE"),
+           primary_key=True),
+    Column("image_cluster", Integer, nullable=False),
+    Column("retrieval_code", Vector(), nullable=False),
+    _ts("annotated_at", nullable=False, server_default=NOW),
+    Index("ix_image_annotations_model_cluster", "model_id", "image_cluster"),
+)

@@ -1,0 +1,161 @@
+"""Issue 7 in SQL: image model fitted on stored features, every image annotated, the
+worker annotating new images, similar_images() and the query / visual-check commands."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import sqlalchemy as sa
+
+from pipelines.ddiccir import PipelineConfig
+from service import features
+from service.image_annotation import SimilarImages, train_image_model
+from service.image_worker import ImageWorker, enqueue_missing
+
+from .dicom_client import ingest_datasets, make_ct
+from .test_image_worker import SIZE, weights  # noqa: F401  (fixture)
+
+SMALL = PipelineConfig(n_clusters=3, layer1_atoms=8, layer2_atoms=12, sparsity=3,
+                       max_outer_iter=3, ksvd_max_iter=3, patches_per_cluster=200, seed=0)
+
+
+def _pattern(kind: str, rng: np.random.Generator) -> np.ndarray:
+    yy, xx = np.mgrid[0:128, 0:128]
+    if kind == "disk":
+        image = ((xx - 64) ** 2 + (yy - 64) ** 2 < (30 + rng.integers(0, 8)) ** 2) * 1500
+    elif kind == "stripes":
+        image = ((xx // (6 + rng.integers(0, 3))) % 2) * 1500
+    else:
+        image = rng.integers(0, 1500, size=(128, 128))
+    return (image + rng.normal(0, 10, (128, 128)) + 1000).clip(0, 4095).astype(np.uint16)
+
+
+def _images(kinds: list[str], seed: int) -> tuple[list, dict[str, str]]:
+    rng = np.random.default_rng(seed)
+    datasets, kind_of = [], {}
+    for kind in kinds:
+        ds = make_ct()
+        ds.PixelData = _pattern(kind, rng).tobytes()
+        ds.WindowCenter, ds.WindowWidth = "1750", "2000"
+        datasets.append(ds)
+        kind_of[ds.SOPInstanceUID] = kind
+    return datasets, kind_of
+
+
+@pytest.fixture
+def annotated(engine, tmp_path, weights):  # noqa: F811
+    from pipelines.backbone import load_backbone
+
+    datasets, kind_of = _images(["disk", "stripes", "noise"] * 8, seed=1)
+    storage = tmp_path / "storage"
+    ingest_datasets(engine, storage, datasets)
+    while features.process_queue_batch(engine, "test"):
+        pass
+    enqueue_missing(engine)
+    worker = ImageWorker(engine, load_backbone(weights), storage_root=storage,
+                         feature_store=tmp_path / "features", name="test", image_size=SIZE,
+                         decode_workers=1, batch=32)
+    while worker.run_once():
+        pass
+    model_id = train_image_model(engine, tmp_path / "features", tmp_path / "models",
+                                 config=SMALL)
+    yield engine, worker, kind_of, model_id, storage
+    worker.close()
+
+
+def test_every_image_gets_a_cluster_and_a_code(annotated):
+    engine, _, kind_of, model_id, _ = annotated
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text(
+            "SELECT sop_instance_uid, image_cluster, vector_dims(retrieval_code) FROM "
+            "image_annotations WHERE model_id = :m"), {"m": model_id}).all()
+        model = conn.execute(sa.text("SELECT * FROM image_models")).mappings().one()
+    assert {r[0] for r in rows} == kind_of.keys()
+    assert {r[2] for r in rows} == {SMALL.layer2_atoms}
+    assert model["is_active"] and model["status"] == "finished"
+    assert model["history"] and len(model["history"]) <= SMALL.max_outer_iter
+    # the clusters follow the patterns: each pattern's images mostly share one cluster
+    clusters = {}
+    for uid, cluster, _ in rows:
+        clusters.setdefault(kind_of[uid], []).append(cluster)
+    purity = sum(np.bincount(c).max() for c in clusters.values()) / len(rows)
+    assert purity >= 0.8, clusters
+
+
+def test_similar_images_in_sql_ranks_the_same_pattern_first(annotated):
+    engine, _, kind_of, _, _ = annotated
+    query = next(uid for uid, kind in kind_of.items() if kind == "stripes")
+    with engine.connect() as conn:
+        hits = conn.execute(sa.text("SELECT * FROM similar_images(:u, 5)"), {"u": query}).all()
+    assert len(hits) == 5 and query not in {h.sop_instance_uid for h in hits}
+    assert [h.score for h in hits if h.same_cluster] == sorted(
+        [h.score for h in hits if h.same_cluster], reverse=True)
+    assert sum(kind_of[h.sop_instance_uid] == "stripes" for h in hits) >= 4
+    assert all(h.modality == "CT" for h in hits)
+
+
+def test_python_query_agrees_with_sql(annotated):
+    engine, _, kind_of, _, _ = annotated
+    query = next(uid for uid, kind in kind_of.items() if kind == "disk")
+    similar = SimilarImages(engine)
+    clusters, codes = similar.code_of(query)
+    python_hits = similar.rank(clusters, codes, 6, exclude=query)[0]
+    with engine.connect() as conn:
+        sql_hits = conn.execute(sa.text("SELECT sop_instance_uid, score FROM "
+                                        "similar_images(:u, 6)"), {"u": query}).all()
+    assert [h[0] for h in python_hits] == [h[0] for h in sql_hits]
+    np.testing.assert_allclose([h[1] for h in python_hits], [h[1] for h in sql_hits],
+                               atol=1e-5)
+
+
+def test_the_worker_annotates_new_images_with_the_active_model(annotated):
+    engine, worker, _, model_id, storage = annotated
+    datasets, kind_of = _images(["disk", "stripes"], seed=7)
+    ingest_datasets(engine, storage, datasets)
+    enqueue_missing(engine)
+    while worker.run_once():
+        pass
+    with engine.connect() as conn:
+        annotated_uids = set(conn.execute(sa.text(
+            "SELECT sop_instance_uid FROM image_annotations WHERE model_id = :m"),
+            {"m": model_id}).scalars())
+    assert kind_of.keys() <= annotated_uids
+
+
+def test_cli_query_by_file_and_by_uid(annotated, settings, monkeypatch, capsys, weights,  # noqa: F811
+                                      tmp_path):
+    from service.cli import main
+
+    engine, _, kind_of, _, storage = annotated
+    monkeypatch.setenv("DATABASE_URL", settings.database_url)
+    monkeypatch.setenv("PACS_IMAGE_WEIGHTS", str(weights))
+    query = next(uid for uid, kind in kind_of.items() if kind == "noise")
+    assert main(["query", "--uid", query, "--top", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "query in image cluster" in out and len(out.strip().splitlines()) == 5
+    assert main(["query", "--uid", "1.2.3.4"]) == 2
+    assert "no retrieval code" in capsys.readouterr().err
+    # a file: its maps must have the model's shape, so the model must have been fitted at
+    # the worker's input size; this model was fitted at SIZE, the CLI uses 224
+    with engine.connect() as conn:
+        path = conn.execute(sa.text("SELECT file_path FROM instances LIMIT 1")).scalar()
+    assert main(["query", str(storage / path)]) == 2
+    assert "maps must be" in capsys.readouterr().err
+
+
+def test_cli_visual_check_needs_features_and_tag_clusters(engine, settings, monkeypatch,
+                                                          capsys):
+    from service.cli import main
+
+    monkeypatch.setenv("DATABASE_URL", settings.database_url)
+    assert main(["visual-check"]) == 2
+    assert "no instance has both image features and a tag cluster" in capsys.readouterr().err
+
+
+def test_cli_image_model_without_features_says_what_to_run(engine, settings, monkeypatch,
+                                                           capsys):
+    from service.cli import main
+
+    monkeypatch.setenv("DATABASE_URL", settings.database_url)
+    assert main(["image-model"]) == 2
+    assert "worker --stage image" in capsys.readouterr().err
