@@ -1,5 +1,6 @@
 import sys, torch, logging
-sys.path.insert(0, "/tmp/dd")
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[2]))
 torch.set_num_threads(1)
 logging.disable(logging.WARNING)
 from synth import planted_maps
