@@ -12,7 +12,7 @@ RUN pip install --no-cache-dir --index-url "$TORCH_INDEX_URL" torch==2.13.0 \
     && pip install --no-cache-dir -c constraints.txt . \
     && useradd --system --uid 1000 pacs && mkdir -p /data && chown pacs /data
 USER pacs
-ENV PACS_DATA_DIR=/data PACS_LOG_FORMAT=json
+ENV PACS_DATA_DIR=/data PACS_LOG_FORMAT=json OMP_WAIT_POLICY=PASSIVE
 EXPOSE 11112
 ENTRYPOINT ["pacs-annotate"]
 CMD ["serve"]

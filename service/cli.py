@@ -645,6 +645,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    import os
+
+    # libgomp's busy-waiting threads made OMP and K-SVD 10-20x slower on a loaded machine
+    # (benchmarks/sparse_coding/README.md); must be set before torch is first imported
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = build_parser()
     args = parser.parse_args(argv)
     from .logs import setup_logging
