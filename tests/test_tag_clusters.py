@@ -303,3 +303,16 @@ def test_the_worker_sweep_labels_instances_a_run_switch_left_out(archive, databa
             "SELECT count(DISTINCT run_id) FROM tag_cluster_assignments")).scalar() == 1
     with engine.connect() as conn:
         assert cache.active(conn).run_id == summary.run_id
+
+
+def test_a_run_on_an_existing_dask_scheduler(archive, database_url):
+    from distributed import LocalCluster
+
+    engine, group_of = archive
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                      dashboard_address=None) as cluster:
+        summary = tag_clusters.recluster(engine, database_url,
+                                         _options(scheduler=cluster.scheduler_address))
+        assert len(cluster.scheduler.tasks) == 0  # the run released everything it sent
+    assert summary.assigned == len(group_of)
+    assert _labels(engine).keys() == group_of.keys()
