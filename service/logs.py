@@ -40,8 +40,22 @@ class TextFormatter(logging.Formatter):
         return base
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time of the record, not at set-up: a
+    caller that swaps stderr (a test capturing output, a daemon redirecting it) keeps
+    getting the log instead of a write to a closed stream."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def setup_logging(settings: Settings) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     if settings.log_format == "json":
         handler.setFormatter(JsonFormatter())
     else:

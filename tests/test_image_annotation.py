@@ -103,7 +103,14 @@ def test_python_query_agrees_with_sql(annotated):
     with engine.connect() as conn:
         sql_hits = conn.execute(sa.text("SELECT sop_instance_uid, score FROM "
                                         "similar_images(:u, 6)"), {"u": query}).all()
-    assert [h[0] for h in python_hits] == [h[0] for h in sql_hits]
+    # The scores agree to float rounding (pgvector computes in double from float4, torch in
+    # float32); near-equal scores (these tiny codes are almost identical within a cluster)
+    # may then swap places, so the order is checked against the SQL scores with a tolerance.
+    sql_score = dict(sql_hits)
+    assert sql_hits[0][0] == python_hits[0][0]
+    assert {uid for uid, *_ in python_hits[:-1]} <= sql_score.keys()
+    in_python_order = [sql_score.get(uid, sql_hits[-1][1]) for uid, *_ in python_hits]
+    assert all(a >= b - 1e-5 for a, b in zip(in_python_order, in_python_order[1:]))
     np.testing.assert_allclose([h[1] for h in python_hits], [h[1] for h in sql_hits],
                                atol=1e-5)
 

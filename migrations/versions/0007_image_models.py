@@ -32,7 +32,8 @@ LANGUAGE sql STABLE AS $$
                a.image_cluster, a.image_cluster = q.image_cluster AS same_cluster
         FROM image_annotations a CROSS JOIN query q
         WHERE a.model_id = q.model_id AND a.sop_instance_uid <> query_uid
-        ORDER BY a.image_cluster = q.image_cluster DESC, a.retrieval_code <=> q.retrieval_code
+        ORDER BY a.image_cluster = q.image_cluster DESC, a.retrieval_code <=> q.retrieval_code,
+                 a.sop_instance_uid
         LIMIT n
     )
     SELECT r.sop_instance_uid, r.score, r.image_cluster, r.same_cluster, t.tag_cluster,
@@ -40,7 +41,7 @@ LANGUAGE sql STABLE AS $$
     FROM ranked r
     LEFT JOIN instance_tag_cluster t ON t.sop_instance_uid = r.sop_instance_uid
     LEFT JOIN instance_features f ON f.sop_instance_uid = r.sop_instance_uid
-    ORDER BY r.same_cluster DESC, r.score DESC
+    ORDER BY r.same_cluster DESC, r.score DESC, r.sop_instance_uid
 $$
 """
 
