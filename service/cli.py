@@ -639,6 +639,10 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--seed", type=int, default=0)
     check.set_defaults(func=cmd_visual_check)
 
+    from .evaluation import add_evaluate_parser
+
+    add_evaluate_parser(sub, common)
+
     sub.add_parser("db-url", parents=[common],
                    help="print the database URL (password hidden)").set_defaults(func=cmd_db_url)
     return parser
