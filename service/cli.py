@@ -268,6 +268,8 @@ def cmd_visual_check(args: argparse.Namespace) -> int:
         return 2
     print(f"{len(rows):,} images, {args.samples} samples of {size:,}: mean cosine distance to "
           f"the tag-cluster mean vs with permuted labels: {result.format()}")
+    print(f"  tag clusters {result.mean_true:.6g}, permuted {result.mean_permuted:.6g}; "
+          f"t = {result.t_statistic:.6g}, p = {result.p_value:.3g}")
     return 0
 
 

@@ -166,3 +166,40 @@ def test_cli_image_model_without_features_says_what_to_run(engine, settings, mon
     monkeypatch.setenv("DATABASE_URL", settings.database_url)
     assert main(["image-model"]) == 2
     assert "worker --stage image" in capsys.readouterr().err
+
+
+def test_cli_visual_check_prints_the_t_test(engine, tmp_path, weights, settings,  # noqa: F811
+                                            monkeypatch, capsys, database_url):
+    """Tag groups that coincide with visual patterns: images sit closer to their tag
+    cluster's mean feature than to a permuted cluster's (method.md A.8)."""
+    from pipelines.backbone import load_backbone
+    from service import tag_clusters
+    from service.cli import main
+
+    from .test_tag_clusters import _options
+
+    body_part = {"disk": ("HEAD", "SIEMENS"), "stripes": ("KNEE", "FUJIFILM"),
+                 "noise": ("CHEST", "Philips")}
+    datasets, kind_of = _images(["disk", "stripes", "noise"] * 10, seed=3)
+    for number, ds in enumerate(datasets):
+        ds.BodyPartExamined, ds.Manufacturer = body_part[kind_of[ds.SOPInstanceUID]]
+        ds.TableHeight = str(100 + number % 4)  # a few profiles per group
+    storage = tmp_path / "storage"
+    ingest_datasets(engine, storage, datasets)
+    while features.process_queue_batch(engine, "test"):
+        pass
+    tag_clusters.recluster(engine, database_url, _options(candidates=(2, 3, 4)))
+    enqueue_missing(engine)
+    with ImageWorker(engine, load_backbone(weights), storage_root=storage,
+                     feature_store=tmp_path / "features", name="test", image_size=SIZE,
+                     decode_workers=1, batch=32) as worker:
+        while worker.run_once():
+            pass
+
+    monkeypatch.setenv("DATABASE_URL", settings.database_url)
+    assert main(["visual-check", "--samples", "3", "--sample-size", "10"]) == 0
+    summary, detail = capsys.readouterr().out.strip().splitlines()
+    assert "30 images, 3 samples of 10" in summary and "t(2) = " in summary
+    true_mean = float(detail.split("tag clusters ")[1].split(",")[0])
+    permuted_mean = float(detail.split("permuted ")[1].split(";")[0])
+    assert true_mean < permuted_mean
