@@ -56,6 +56,13 @@ def _stop_on_signals() -> threading.Event:
     return stop
 
 
+def _stderr_lines(quiet: bool = False):
+    """The progress callback of the long commands: one line per step on stderr."""
+    if quiet:
+        return None
+    return lambda line: print(line, file=sys.stderr, flush=True)
+
+
 def _vocabulary(settings: Settings):
     from parsers import load_vocabulary
 
@@ -136,7 +143,7 @@ def cmd_train_backbone(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     out = Path(args.out)
-    say = (lambda line: print(line, file=sys.stderr, flush=True))
+    say = _stderr_lines()
     with _database(settings) as database:
         try:
             training = build_training_set(
@@ -177,7 +184,7 @@ def cmd_image_model(args: argparse.Namespace) -> int:
                             seed=args.seed, device=resolve_device(settings.image_device),
                             use_layer2=not args.no_layer2, reiterate=not args.no_reiteration,
                             pooling=args.pooling)
-    say = None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
+    say = _stderr_lines(args.quiet)
     with _database(settings) as database:
         try:
             model_id = train_image_model(
@@ -432,7 +439,7 @@ def cmd_recluster(args: argparse.Namespace) -> int:
         random_state=args.seed, partition_rows=args.partition_rows, scheduler=args.scheduler,
         n_workers=args.workers, keep_runs=args.keep_runs, force=args.force,
         restart=args.restart)
-    progress = None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
+    progress = _stderr_lines(args.quiet)
     settings = _settings(args)
     with _database(settings) as database:
         try:

@@ -898,11 +898,11 @@ def add_evaluate_parser(subparsers, common_parent: argparse.ArgumentParser
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """``pacs-annotate evaluate``: exit 0 with the table printed and saved, 2 on unusable
     labels or options, or when no labelled instance has features."""
-    from .cli import _database, _settings
+    from .cli import _database, _settings, _stderr_lines
     from .image_worker import resolve_device
 
     settings = _settings(args)
-    say = None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
+    say = _stderr_lines(args.quiet)
     try:
         labels = read_labels(args.labels)
         config = PipelineConfig(

@@ -22,16 +22,10 @@ from typing import Iterable
 
 import numpy as np
 
+from .storage import fsync_dir
+
 MAP_DTYPE = np.float16
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_shard(root: Path, model_version: str, maps: np.ndarray) -> str:
@@ -46,7 +40,7 @@ def write_shard(root: Path, model_version: str, maps: np.ndarray) -> str:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(temporary, final)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
     return relative.as_posix()
 
 

@@ -69,7 +69,7 @@ def _start_writeback(fd: int) -> None:
         _sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -108,7 +108,7 @@ class FileStore:
         directory.mkdir(parents=True, exist_ok=True)
         # make each new directory entry durable: fsync the parent of every level created
         for created in reversed(missing):
-            _fsync_dir(created.parent)
+            fsync_dir(created.parent)
         self._known_dirs.add(directory)
 
     def write_temp(self, data: bytes | memoryview) -> Path:
@@ -153,8 +153,8 @@ class FileStore:
                 os.fdatasync(fd)
             finally:
                 os.close(fd)
-            _fsync_dir(final.parent)
-            _fsync_dir(self.incoming)
+            fsync_dir(final.parent)
+            fsync_dir(self.incoming)
         except BaseException:
             self._remove_if_ours(named, final)
             _unlink_quietly(named)
@@ -173,7 +173,7 @@ class FileStore:
         if pending.replaced_existing:
             # a file without a row had our name (left by an admin's row delete): ours wins
             os.replace(pending.temp, pending.final)
-            _fsync_dir(pending.final.parent)
+            fsync_dir(pending.final.parent)
         else:
             os.unlink(pending.temp)
 
@@ -221,10 +221,10 @@ class FileStore:
                 if not final.exists():
                     self._ensure_dir(final.parent)
                     os.link(temp, final)
-                    _fsync_dir(final.parent)
+                    fsync_dir(final.parent)
                 elif not os.path.samefile(temp, final) and sha256_file(final) != row_hash:
                     os.replace(temp, final)
-                    _fsync_dir(final.parent)
+                    fsync_dir(final.parent)
                     counts["kept"] += 1
                     continue
                 os.unlink(temp)
@@ -235,7 +235,7 @@ class FileStore:
                 os.unlink(temp)
                 counts["removed"] += 1
         if temps:
-            _fsync_dir(self.incoming)
+            fsync_dir(self.incoming)
         return counts
 
 
