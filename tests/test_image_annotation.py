@@ -94,6 +94,18 @@ def test_similar_images_in_sql_ranks_the_same_pattern_first(annotated):
     assert all(h.modality == "CT" for h in hits)
 
 
+def test_the_read_only_role_may_query_similar_images(annotated):
+    engine, _, kind_of, _, _ = annotated
+    query = next(iter(kind_of))
+    with engine.connect() as conn:
+        conn.execute(sa.text("SET ROLE pacs_readonly"))
+        hits = conn.execute(sa.text("SELECT * FROM similar_images(:u, 3)"), {"u": query}).all()
+        clusters = conn.execute(sa.text(
+            "SELECT count(DISTINCT image_cluster) FROM image_annotations")).scalar()
+    assert len(hits) == 3 and all(h.modality == "CT" for h in hits)
+    assert clusters == SMALL.n_clusters
+
+
 def test_python_query_agrees_with_sql(annotated):
     engine, _, kind_of, _, _ = annotated
     query = next(uid for uid, kind in kind_of.items() if kind == "disk")

@@ -40,7 +40,7 @@ LANGUAGE sql STABLE AS $$
            f.modality, coalesce(f.body_part, f.body_part_inferred)
     FROM ranked r
     LEFT JOIN instance_tag_cluster t ON t.sop_instance_uid = r.sop_instance_uid
-    LEFT JOIN instance_features f ON f.sop_instance_uid = r.sop_instance_uid
+    LEFT JOIN radiology_features f ON f.sop_instance_uid = r.sop_instance_uid
     ORDER BY r.same_cluster DESC, r.score DESC, r.sop_instance_uid
 $$
 """
