@@ -63,6 +63,7 @@ def setup_logging(settings: Settings) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(settings.log_level.upper())
-    # pynetdicom is chatty at INFO (every PDU/DIMSE message); keep its warnings
-    for chatty in ("pynetdicom", "pgserver", "alembic"):
+    # pynetdicom (every PDU/DIMSE message) and dask.distributed (every worker and client
+    # start) are chatty at INFO; keep their warnings
+    for chatty in ("pynetdicom", "pgserver", "alembic", "distributed"):
         logging.getLogger(chatty).setLevel(max(logging.WARNING, root.level))
