@@ -83,12 +83,9 @@ def _rss_of_tree(pid: int) -> int:
         return 0
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--associations", type=int, default=16)
-    parser.add_argument("--seconds", type=float, default=60)
-    parser.add_argument("--processes", type=int, default=None, help="listener processes")
-    args = parser.parse_args()
+def run_load(associations: int = 16, seconds: float = 60, processes: int | None = None) -> dict:
+    """Run the load test (see the module docstring) and return its report."""
+    args = argparse.Namespace(associations=associations, seconds=seconds, processes=processes)
     work = Path(tempfile.mkdtemp(prefix="pacs-load-"))
     port = _free_port()
     env = dict(os.environ, PACS_DATA_DIR=str(work / "data"), PACS_LOG_LEVEL="WARNING",
@@ -151,7 +148,16 @@ def main() -> None:
             "at_end": round(after_10s[-1] / 2**20, 1) if after_10s else None,
         },
     }
-    print(json.dumps(report, indent=2))
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--associations", type=int, default=16)
+    parser.add_argument("--seconds", type=float, default=60)
+    parser.add_argument("--processes", type=int, default=None, help="listener processes")
+    args = parser.parse_args()
+    print(json.dumps(run_load(args.associations, args.seconds, args.processes), indent=2))
 
 
 if __name__ == "__main__":
