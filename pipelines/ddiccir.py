@@ -648,9 +648,16 @@ def code_patches(
                         device=rows.device)
     squared_residuals = torch.empty((n_dictionaries, n_maps), dtype=torch.float64,
                                     device=rows.device)
+    # One OMP call over every (dictionary, patch) pair: the per-step overhead of m calls on
+    # few signals dominated query coding (benchmarks/ddiccir/README.md).
+    n_rows = rows.shape[0]
+    all_correlations = torch.matmul(rows, dictionaries).permute(2, 0, 1).reshape(
+        n_atoms, n_dictionaries * n_rows)                                   # (K, m B L)
+    groups = torch.arange(n_dictionaries, device=rows.device).repeat_interleave(n_rows)
+    all_codes = omp(grams, all_correlations, n_nonzero, groups=groups)
     for index in range(n_dictionaries):
-        correlations = (rows @ dictionaries[index]).T                      # (K, B L)
-        patch_codes = omp(grams[index], correlations, n_nonzero)
+        columns = slice(index * n_rows, (index + 1) * n_rows)
+        correlations, patch_codes = all_correlations[:, columns], all_codes[:, columns]
         residuals = reconstruction_errors(grams[index], correlations, patch_codes, patch_norms)
         codes[index] = patch_codes.T.reshape(n_maps, n_positions, n_atoms).transpose(1, 2)
         squared_residuals[index] = residuals.reshape(n_maps, n_positions).sum(dim=1)

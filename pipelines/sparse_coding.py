@@ -112,6 +112,7 @@ def omp(
     tol: float | None = None,
     squared_norms: Tensor | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    groups: Tensor | None = None,
 ) -> Tensor:
     """Batch-OMP in Gram form (method.md B.3, B.5): sparse codes of many signals at once.
 
@@ -134,6 +135,11 @@ def omp(
         ``||x||^2`` of every signal; only used with ``tol``.
     chunk_size : int, default 4096
         Signals processed together; bounds memory, does not change the result.
+    groups : Tensor of shape (N,), int64, optional
+        Code each signal over its own dictionary: ``gram`` is then a stack (m, K, K) of
+        ``D_j^T D_j`` and signal i uses ``gram[groups[i]]`` (its correlations must be
+        ``D_groups[i]^T x_i``). One call codes a query's patches against all m cluster
+        dictionaries of B.7 at once instead of m calls of a few signals each.
 
     Returns
     -------
@@ -145,7 +151,20 @@ def omp(
     R. Rubinstein, M. Zibulevsky, M. Elad. Efficient implementation of the K-SVD algorithm
     using batch orthogonal matching pursuit. Technion CS-2008-08, 2008.
     """
-    _check_omp_inputs(gram, correlations, n_nonzero, tol, squared_norms, chunk_size)
+    if groups is None:
+        _check_omp_inputs(gram, correlations, n_nonzero, tol, squared_norms, chunk_size)
+        grams, groups = gram[None], torch.zeros(correlations.shape[1], dtype=torch.long,
+                                                device=gram.device)
+    else:
+        if gram.ndim != 3:
+            raise ValueError(f"with groups, gram must be a stack (m, K, K), got shape "
+                             f"{tuple(gram.shape)}")
+        _check_omp_inputs(gram[0], correlations, n_nonzero, tol, squared_norms, chunk_size)
+        if groups.shape != (correlations.shape[1],) or groups.dtype != torch.long:
+            raise ValueError(f"groups must be int64 of shape ({correlations.shape[1]},)")
+        if groups.numel() and (int(groups.min()) < 0 or int(groups.max()) >= gram.shape[0]):
+            raise ValueError(f"groups must index the {gram.shape[0]} Gram matrices")
+        grams, groups = gram, groups.to(gram.device)
     n_atoms, n_signals = correlations.shape
     max_atoms = min(n_nonzero, n_atoms)
     codes_by_signal = torch.zeros((n_signals, n_atoms), dtype=gram.dtype, device=gram.device)
@@ -155,7 +174,8 @@ def omp(
         chunk_norms = None if tol is None else squared_norms[start:stop].to(
             dtype=gram.dtype, device=gram.device)
         codes_by_signal[start:stop] = _omp_chunk(
-            gram, correlations_by_signal[start:stop].contiguous(), max_atoms, tol, chunk_norms)
+            grams, groups[start:stop], correlations_by_signal[start:stop].contiguous(),
+            max_atoms, tol, chunk_norms)
     return codes_by_signal.T.contiguous()
 
 
@@ -164,6 +184,7 @@ class _LiveSignals:
     """Batch-OMP state of the signals of a chunk that are still adding atoms, one row each."""
 
     rows: Tensor             # (n,) row in the chunk
+    group: Tensor            # (n,) which Gram matrix of the stack
     alpha0: Tensor           # (n, K) D^T x
     alpha: Tensor            # (n, K) residual correlations D^T (x - D gamma)
     support: Tensor          # (n, L) chosen atoms, in order
@@ -181,17 +202,19 @@ class _LiveSignals:
 
 
 def _omp_chunk(
-    gram: Tensor, alpha0: Tensor, max_atoms: int, tol: float | None,
+    grams: Tensor, group: Tensor, alpha0: Tensor, max_atoms: int, tol: float | None,
     squared_norms: Tensor | None,
 ) -> Tensor:
-    """Batch-OMP for one chunk; ``alpha0`` (n, K) one row per signal. Returns (n, K)."""
+    """Batch-OMP for one chunk; ``alpha0`` (n, K) one row per signal, signal i over
+    ``grams[group[i]]`` (grams: (m, K, K)). Returns (n, K)."""
     n_signals, n_atoms = alpha0.shape
     dtype, device = alpha0.dtype, alpha0.device
     eps = torch.finfo(dtype).eps
     codes_out = torch.zeros((n_signals, n_atoms), dtype=dtype, device=device)
-    gram_diagonal = torch.diagonal(gram)
+    gram_diagonals = torch.diagonal(grams, dim1=1, dim2=2)                  # (m, K)
     live = _LiveSignals(
         rows=torch.arange(n_signals, device=device),
+        group=group,
         alpha0=alpha0,
         alpha=alpha0.clone(),
         support=torch.zeros((n_signals, max_atoms), dtype=torch.long, device=device),
@@ -219,9 +242,10 @@ def _omp_chunk(
         peak = live.alpha.gather(1, atom[:, None]).squeeze(1)
         stopping = (peak * peak < eps) | live.in_support.gather(1, atom[:, None]).squeeze(1)
         w = None
-        pivot = gram_diagonal[atom]
+        pivot = gram_diagonals[live.group, atom]
         if step:
-            gram_to_support = gram[live.support[:, :step], atom[:, None]]  # G[S, a]: (n, step)
+            gram_to_support = grams[live.group[:, None], live.support[:, :step],
+                                    atom[:, None]]                         # G[S, a]: (n, step)
             w = torch.bmm(live.inverse_factor[:, :step, :step],
                           gram_to_support[:, :, None]).squeeze(2)          # M G[S, a]
             pivot = pivot - (w * w).sum(dim=1)
@@ -253,9 +277,10 @@ def _omp_chunk(
 
         if n_chosen == max_atoms:
             break
-        current = torch.zeros_like(live.alpha).scatter_(
-            1, live.support[:, :n_chosen], live.gamma[:, :n_chosen])
-        live.alpha = live.alpha0 - current @ gram
+        # alpha = alpha0 - G[:, S] gamma_S, from the |S| rows of each signal's own G
+        support_rows = grams[live.group[:, None], live.support[:, :n_chosen]]  # (n, |S|, K)
+        live.alpha = live.alpha0 - torch.bmm(live.gamma[:, None, :n_chosen],
+                                             support_rows).squeeze(1)
         if tol is not None:
             residual = live.squared_norms - (live.projections[:, :n_chosen] ** 2).sum(dim=1)
             done = residual <= tol
