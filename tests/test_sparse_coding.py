@@ -230,3 +230,21 @@ def test_cuda_matches_cpu(dtype):
     assert on_gpu.device.type == "cuda"
     torch.testing.assert_close(on_gpu.cpu() != 0, on_cpu != 0)
     torch.testing.assert_close(on_gpu.cpu(), on_cpu, rtol=1e-4, atol=1e-4)
+
+
+def test_grouped_omp_equals_one_call_per_dictionary():
+    generator = torch.Generator().manual_seed(5)
+    dictionaries = torch.randn(3, 40, 24, dtype=torch.float64, generator=generator)
+    dictionaries /= torch.linalg.vector_norm(dictionaries, dim=1, keepdim=True)
+    signals = torch.randn(40, 30, dtype=torch.float64, generator=generator)
+    groups = torch.randint(0, 3, (30,), generator=generator)
+    grams = torch.stack([gram_matrix(d) for d in dictionaries])
+    correlations = torch.einsum("gdk,dn->gkn", dictionaries, signals)[groups, :,
+                                                                     torch.arange(30)].T
+    grouped = omp(grams, correlations, 5, groups=groups, chunk_size=7)
+    for group in range(3):
+        members = groups == group
+        alone = omp(grams[group], correlations[:, members], 5)
+        torch.testing.assert_close(grouped[:, members], alone, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="groups must index"):
+        omp(grams, correlations, 5, groups=groups + 3)
