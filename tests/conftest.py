@@ -135,3 +135,15 @@ def service_factory(settings: Settings, engine: sa.Engine):
     yield make
     for generator in started:
         next(generator, None)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Small torch problems run on one thread: with 2 threads on a shared 2-core machine,
+    OpenMP workers spinning between ops starve the main thread."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

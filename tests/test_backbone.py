@@ -37,12 +37,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 _SHADOW_PACKAGE = "_torchvision_source_for_tests"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def seeded_model(num_classes=1000, seed=0):

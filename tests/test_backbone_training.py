@@ -20,12 +20,7 @@ from pipelines.backbone_training import (
 CHANCE = 1 / 3
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def shapes_dataset(n_per_class: int, size: int = 32, n_classes: int = 3, seed: int = 0):

@@ -34,14 +34,7 @@ SMALL = PipelineConfig(
     ksvd_max_iter=8, max_outer_iter=3, centroid_tol=0.0, kmeans_n_init=2, seed=0)
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Small problems: with 2 threads on the shared 2-core box, OpenMP workers spinning
-    between ops starve the main thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def planted_maps(seed, per_group=PER_GROUP, image_seed=None, noise=0.05):

@@ -19,14 +19,7 @@ from pipelines.sparse_coding import sparse_encode
 N_NONZERO = 4
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Small problems: with 2 threads on the shared 2-core box, OpenMP workers spinning
-    between ops starve the main thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def sparse_data(seed, dimension=40, n_atoms=60, n_signals=1500, n_nonzero=N_NONZERO,

@@ -12,14 +12,7 @@ from sklearn.linear_model import orthogonal_mp_gram
 from pipelines.sparse_coding import gram_matrix, omp, sparse_encode
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny problems: with 2 threads on the shared 2-core box, OpenMP workers spinning
-    between ops starve the main thread (measured 20x slower under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def random_problem(seed, dimension, n_atoms, n_signals, dtype=np.float64):

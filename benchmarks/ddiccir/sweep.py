@@ -1,9 +1,8 @@
 import sys, torch, logging
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[2]))
 torch.set_num_threads(1)
 logging.disable(logging.WARNING)
-from synth import planted_maps
+from tests.test_ddiccir import planted_maps  # the planted data the tests use
 from pipelines.ddiccir import *
 def purity(labels, groups, k):
     return sum(torch.bincount(groups[labels == c]).max().item() if (labels==c).any() else 0 for c in range(k)) / len(groups)
