@@ -28,6 +28,7 @@ from sqlalchemy.engine import Engine
 from pipelines.ddiccir import (DDicCIRModel, PipelineConfig, encode_queries, fit_pipeline,
                                normalise_rows, rank_by_code)
 
+from .logs import log_progress
 from .schema import image_features
 
 log = logging.getLogger(__name__)
@@ -36,12 +37,11 @@ Progress = Callable[[str], None]
 
 
 def _say(progress: Progress | None, message: str) -> None:
-    log.info(message)
-    if progress is not None:
-        progress(message)
+    log_progress(log, progress, message)
 
 
-def _vector_text(values: np.ndarray) -> str:
+def vector_literal(values: np.ndarray) -> str:
+    """pgvector's text form of a vector, for ``CAST(:v AS vector)`` in bound parameters."""
     return "[" + ",".join(f"{v:.7g}" for v in np.asarray(values).tolist()) + "]"
 
 
@@ -106,7 +106,7 @@ def _store(conn: sa.Connection, model_id: int, uids: Sequence[str], clusters: to
            codes: torch.Tensor) -> None:
     if uids:
         conn.execute(_INSERT, [
-            {"model": model_id, "sop": uid, "cluster": int(c), "code": _vector_text(code)}
+            {"model": model_id, "sop": uid, "cluster": int(c), "code": vector_literal(code)}
             for uid, c, code in zip(uids, clusters.cpu().tolist(),
                                     codes.detach().cpu().float().numpy())])
 

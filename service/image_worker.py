@@ -36,7 +36,7 @@ from sqlalchemy.engine import Engine
 
 from . import work_queue
 from .feature_store import write_shard
-from .image_annotation import ActiveImageModelCache, annotate_batch
+from .image_annotation import ActiveImageModelCache, annotate_batch, vector_literal
 
 log = logging.getLogger(__name__)
 
@@ -78,10 +78,6 @@ def enqueue_missing(engine: Engine) -> int:
             "FROM instances i WHERE NOT EXISTS (SELECT 1 FROM work_queue q WHERE q.stage = :stage "
             "AND q.sop_instance_uid = i.sop_instance_uid) ON CONFLICT DO NOTHING"),
             {"stage": STAGE}).rowcount
-
-
-def _vector_text(values: np.ndarray) -> str:
-    return "[" + ",".join(f"{v:.7g}" for v in values.tolist()) + "]"
 
 
 _UPSERT = sa.text(
@@ -171,7 +167,7 @@ class ImageWorker:
             maps, pooled = extract_features(self.backbone, batch)
             shard = write_shard(self.feature_store, self.backbone.model_version, maps.numpy())
             rows += [{"sop": d.claim.sop_instance_uid, "model": self.backbone.model_version,
-                      "status": "done", "reason": None, "feature": _vector_text(vector),
+                      "status": "done", "reason": None, "feature": vector_literal(vector),
                       "shard": shard, "index": index}
                      for index, (d, vector) in enumerate(zip(images, pooled.numpy()))]
         finished = [d.claim.id for d in decoded if d.error is None]

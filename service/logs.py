@@ -67,3 +67,10 @@ def setup_logging(settings: Settings) -> None:
     # start) are chatty at INFO; keep their warnings
     for chatty in ("pynetdicom", "pgserver", "alembic", "distributed"):
         logging.getLogger(chatty).setLevel(max(logging.WARNING, root.level))
+
+
+def log_progress(logger: logging.Logger, progress, message: str) -> None:
+    """A step of a long job: to the log, and to ``progress`` (e.g. stderr lines) when given."""
+    logger.info(message)
+    if progress is not None:
+        progress(message)

@@ -30,7 +30,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import sqlalchemy as sa
@@ -41,6 +41,7 @@ from parsers.selection import FeatureSelection, default_selection
 from pipelines.gower import GowerData, NumericRanges, encode_features, gower_to_medoids
 from pipelines.label_matching import match_labels
 from pipelines.tag_clustering import PAPER_CANDIDATES, fit_tag_clusters
+from .logs import log_progress
 
 log = logging.getLogger(__name__)
 
@@ -126,20 +127,25 @@ class StoredTagModel:
 
     def encode(self, rows: Sequence[Sequence[Any]]) -> GowerData:
         """Encode rows whose values are in ``columns`` order (None = missing)."""
-        n_numeric = len(self.numeric_columns)
-        if not rows:
-            return GowerData(np.empty((0, n_numeric)),
-                             np.empty((0, len(self.categorical_columns)), dtype=np.int32),
-                             self.medoids.vocabularies)
-        values = np.array(rows, dtype=object).reshape(len(rows), len(self.columns))
-        numeric = values[:, :n_numeric]
-        numeric = np.where(np.equal(numeric, None), np.nan, numeric).astype(np.float64)
-        return encode_features(numeric, values[:, n_numeric:],
-                               vocabularies=self.medoids.vocabularies)
+        return _encode_rows(rows, len(self.numeric_columns), len(self.columns),
+                            vocabularies=self.medoids.vocabularies)
 
     def assign(self, data: GowerData) -> tuple[np.ndarray, np.ndarray]:
         """Nearest medoid index and Gower distance of every row."""
         return gower_to_medoids(data, self.medoids, ranges=self.ranges)
+
+
+def _value_array(rows: Sequence[Sequence[Any]], n_columns: int) -> np.ndarray:
+    return np.array(rows, dtype=object).reshape(len(rows), n_columns)
+
+
+def _encode_rows(rows: Sequence[Sequence[Any]], n_numeric: int, n_columns: int, *,
+                 vocabularies: Sequence[Sequence[Any]] | None = None) -> GowerData:
+    """Raw rows (numeric columns first, None = missing; ``encode_features`` reads None in
+    a numeric object column as NaN) to Gower form."""
+    values = _value_array(rows, n_columns)
+    return encode_features(values[:, :n_numeric], values[:, n_numeric:],
+                           vocabularies=vocabularies)
 
 
 def _split_columns(columns: Sequence[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -158,13 +164,9 @@ def load_model(conn: sa.Connection, run_id: int) -> StoredTagModel:
     medoid_rows = conn.execute(sa.text(
         "SELECT medoid_index, label, features FROM tag_cluster_medoids WHERE run_id = :id "
         "ORDER BY medoid_index"), {"id": run_id}).all()
-    rows = [[features.get(c) for c in numeric_columns + categorical_columns]
-            for _, _, features in medoid_rows]
-    values = np.array(rows, dtype=object).reshape(len(rows), -1)
-    n_numeric = len(numeric_columns)
-    numeric = np.where(np.equal(values[:, :n_numeric], None), np.nan,
-                       values[:, :n_numeric]).astype(np.float64)
-    medoids = encode_features(numeric, values[:, n_numeric:])
+    columns = numeric_columns + categorical_columns
+    medoids = _encode_rows([[features.get(c) for c in columns] for _, _, features in medoid_rows],
+                           len(numeric_columns), len(columns))
     labels = np.array([-1 if label is None else label for _, label, _ in medoid_rows])
     ranges = NumericRanges(np.asarray(run["ranges"]["low"], dtype=np.float64),
                            np.asarray(run["ranges"]["high"], dtype=np.float64))
@@ -191,14 +193,10 @@ def load_profiles(conn: sa.Connection, numeric_columns: Sequence[str],
         f"SELECT {_quoted(columns)}, count(*) AS n, min(sop_instance_uid) AS example "
         f"FROM instance_features GROUP BY {_quoted(columns)} ORDER BY n DESC, example"))
     rows = result.all()
-    values = np.array([row[:len(columns)] for row in rows], dtype=object).reshape(
-        len(rows), len(columns))
-    n_numeric = len(numeric_columns)
-    numeric = np.where(np.equal(values[:, :n_numeric], None), np.nan,
-                       values[:, :n_numeric]).astype(np.float64)
+    values = _value_array([row[:len(columns)] for row in rows], len(columns))
     counts = np.array([row[-2] for row in rows], dtype=np.float64)
     examples = [row[-1] for row in rows]
-    return values, numeric, values[:, n_numeric:], counts, examples
+    return values, counts, examples
 
 
 def _json_value(value: Any) -> Any:
@@ -220,9 +218,7 @@ class _Run:
 
 
 def _say(progress: Progress | None, message: str) -> None:
-    log.info(message)
-    if progress is not None:
-        progress(message)
+    log_progress(log, progress, message)
 
 
 def _open_run(conn: sa.Connection, options: ReclusterOptions,
@@ -271,12 +267,11 @@ def _fit(engine: Engine, run: _Run, progress: Progress | None) -> None:
     started = time.perf_counter()
     numeric_columns, categorical_columns = _split_columns(run.selection.columns)
     with engine.connect() as conn:
-        values, numeric, categorical, counts, examples = load_profiles(
-            conn, numeric_columns, categorical_columns)
+        values, counts, examples = load_profiles(conn, numeric_columns, categorical_columns)
     loaded = time.perf_counter()
     _say(progress, f"run {run.id}: {len(counts):,} distinct profiles of "
                    f"{int(counts.sum()):,} instances")
-    data = encode_features(numeric, categorical)
+    data = encode_features(values[:, :len(numeric_columns)], values[:, len(numeric_columns):])
     candidates = tuple(run.parameters["candidates"])
     model = fit_tag_clusters(data, counts=counts, candidates=candidates,
                              max_profiles=run.parameters["max_profiles"],
@@ -684,12 +679,6 @@ def assign_new_instances(conn: sa.Connection, cache: ActiveModelCache,
                                     "medoid_index = EXCLUDED.medoid_index, "
                                     "distance = EXCLUDED.distance, assigned_at = now()")
     return len(rows)
-
-
-def iter_runs(conn: sa.Connection) -> Iterator[sa.Row]:
-    yield from conn.execute(sa.text(
-        "SELECT id, status, is_active, started_at, finished_at, k, silhouette, instances, "
-        "assigned, error FROM tag_cluster_runs ORDER BY id"))
 
 
 # ------------------------------------------------------------------ report
