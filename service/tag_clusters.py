@@ -285,20 +285,16 @@ def _fit(engine: Engine, run: _Run, progress: Progress | None) -> None:
     sample = {"labels": model.sample_labels.tolist(),
               "silhouettes": [round(float(s), 6) for s in model.sample_silhouettes],
               "weights": model.sample_weights.tolist()}
-    cluster_silhouettes = {}
-    for index in range(model.k):
+    medoid_rows = []
+    for index, row in enumerate(model.medoid_rows):
         members = model.sample_labels == index
         weight = model.sample_weights[members]
-        cluster_silhouettes[index] = (float(np.average(model.sample_silhouettes[members],
-                                                       weights=weight))
-                                      if weight.sum() > 0 else None)
-    medoid_rows = [
-        {"run_id": run.id, "medoid_index": index,
-         "sop_instance_uid": examples[row],
-         "features": json.dumps({c: _json_value(v) for c, v in zip(columns, values[row])}),
-         "sample_weight": float(model.sample_weights[model.sample_labels == index].sum()),
-         "silhouette": cluster_silhouettes[index]}
-        for index, row in enumerate(model.medoid_rows)]
+        medoid_rows.append({
+            "run_id": run.id, "medoid_index": index, "sop_instance_uid": examples[row],
+            "features": json.dumps({c: _json_value(v) for c, v in zip(columns, values[row])}),
+            "sample_weight": float(weight.sum()),
+            "silhouette": (float(np.average(model.sample_silhouettes[members], weights=weight))
+                           if weight.sum() > 0 else None)})
     stored_model = {"numeric_columns": list(numeric_columns),
                     "categorical_columns": list(categorical_columns),
                     "ranges": {"low": model.ranges.low.tolist(),
@@ -472,19 +468,20 @@ def _match_and_switch(engine: Engine, run: _Run, options: ReclusterOptions,
         model = load_model(conn, run.id)
         # instances that arrived after the partitions were planned
         late = assign_unassigned(conn, model)
-        sizes = dict(conn.execute(sa.text(
-            "SELECT medoid_index, count(*) FROM tag_cluster_assignments WHERE run_id = :id "
-            "GROUP BY medoid_index"), {"id": run.id}).all())
+        # one pass over the run's assignments for every cluster's size and mean distance
+        stats = {index: (n, mean) for index, n, mean in conn.execute(sa.text(
+            "SELECT medoid_index, count(*), avg(distance) FROM tag_cluster_assignments "
+            "WHERE run_id = :id GROUP BY medoid_index"), {"id": run.id})}
         k = len(model.labels)
-        size_array = np.array([sizes.get(i, 0) for i in range(k)])
+        size_array = np.array([stats.get(i, (0, None))[0] for i in range(k)])
         previous_labels = np.array([], dtype=np.int64)
-        overlap = np.zeros((k, 0), dtype=np.int64)
         if previous is not None:
             previous_labels = np.array(conn.execute(sa.text(
                 "SELECT label FROM tag_cluster_medoids WHERE run_id = :id ORDER BY label"),
                 {"id": previous}).scalars().all(), dtype=np.int64)
-            column = {label: j for j, label in enumerate(previous_labels)}
-            overlap = np.zeros((k, len(previous_labels)), dtype=np.int64)
+        column_of = {label: j for j, label in enumerate(previous_labels)}
+        overlap = np.zeros((k, len(previous_labels)), dtype=np.int64)
+        if previous is not None:
             for medoid_index, label, shared in conn.execute(sa.text(
                     "SELECT n.medoid_index, pm.label, count(*) FROM tag_cluster_assignments n "
                     "JOIN tag_cluster_assignments p ON p.run_id = :previous "
@@ -492,23 +489,20 @@ def _match_and_switch(engine: Engine, run: _Run, options: ReclusterOptions,
                     "JOIN tag_cluster_medoids pm ON pm.run_id = p.run_id "
                     "AND pm.medoid_index = p.medoid_index "
                     "WHERE n.run_id = :id GROUP BY 1, 2"), {"id": run.id, "previous": previous}):
-                overlap[medoid_index, column[label]] = shared
+                overlap[medoid_index, column_of[label]] = shared
         reserved = np.array(conn.execute(sa.text(
             "SELECT DISTINCT label FROM tag_cluster_medoids WHERE label IS NOT NULL "
             "AND run_id <> :id"), {"id": run.id}).scalars().all(), dtype=np.int64)
         labels = match_labels(overlap, previous_labels, reserved_labels=reserved,
                               sizes=size_array)
-        column_of = {label: j for j, label in enumerate(previous_labels)}
         conn.execute(sa.text(
             "UPDATE tag_cluster_medoids SET label = NULL WHERE run_id = :id"), {"id": run.id})
         conn.execute(sa.text(
-            "UPDATE tag_cluster_medoids m SET label = :label, instances = :instances, "
-            "previous_overlap = :overlap, mean_distance = (SELECT avg(distance) FROM "
-            "tag_cluster_assignments a WHERE a.run_id = m.run_id "
-            "AND a.medoid_index = m.medoid_index) "
+            "UPDATE tag_cluster_medoids SET label = :label, instances = :instances, "
+            "previous_overlap = :overlap, mean_distance = :mean "
             "WHERE run_id = :id AND medoid_index = :index"),
             [{"id": run.id, "index": i, "label": int(labels[i]),
-              "instances": int(size_array[i]),
+              "instances": int(size_array[i]), "mean": stats.get(i, (0, None))[1],
               "overlap": (int(overlap[i, column_of[labels[i]]])
                           if labels[i] in column_of else None)}
              for i in range(k)])
@@ -517,14 +511,11 @@ def _match_and_switch(engine: Engine, run: _Run, options: ReclusterOptions,
         conn.execute(sa.text("SELECT id FROM tag_cluster_runs WHERE is_active FOR UPDATE"))
         conn.execute(sa.text("UPDATE tag_cluster_runs SET is_active = false WHERE is_active"))
         run.timings["match"] = time.perf_counter() - started
-        assigned = conn.execute(sa.text(
-            "SELECT count(*) FROM tag_cluster_assignments WHERE run_id = :id"),
-            {"id": run.id}).scalar_one()
         conn.execute(sa.text(
             "UPDATE tag_cluster_runs SET status = 'finished', is_active = true, "
             "finished_at = now(), previous_run_id = :previous, assigned = :assigned, "
             "timings = CAST(:t AS jsonb), error = NULL WHERE id = :id"),
-            {"id": run.id, "previous": previous, "assigned": assigned,
+            {"id": run.id, "previous": previous, "assigned": int(size_array.sum()),
              "t": json.dumps(run.timings)})
     run.status = "finished"
     with engine.begin() as conn:

@@ -316,3 +316,20 @@ def test_a_run_on_an_existing_dask_scheduler(archive, database_url):
         assert len(cluster.scheduler.tasks) == 0  # the run released everything it sent
     assert summary.assigned == len(group_of)
     assert _labels(engine).keys() == group_of.keys()
+
+
+def test_cluster_sizes_and_mean_distances_match_the_assignments(archive, database_url):
+    engine, _ = archive
+    summary = tag_clusters.recluster(engine, database_url, _options())
+    with engine.connect() as conn:
+        stored = {row.medoid_index: (row.instances, row.mean_distance) for row in conn.execute(
+            sa.text("SELECT medoid_index, instances, mean_distance FROM tag_cluster_medoids"))}
+        counted = {row[0]: (row[1], row[2]) for row in conn.execute(sa.text(
+            "SELECT medoid_index, count(*), avg(distance) FROM tag_cluster_assignments "
+            "GROUP BY 1"))}
+        assigned = conn.execute(sa.text("SELECT assigned FROM tag_cluster_runs")).scalar()
+    assert stored.keys() == counted.keys()
+    for index, (instances, mean) in stored.items():
+        assert instances == counted[index][0]
+        assert abs(mean - counted[index][1]) < 1e-9
+    assert assigned == summary.assigned == sum(n for n, _ in counted.values())
