@@ -22,10 +22,13 @@ import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from pipelines.pixels import IMAGENET_MEAN, IMAGENET_STD
+
 log = logging.getLogger(__name__)
 
-_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
-_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+# the normalisation the worker's inputs went through, undone and redone here
+_MEAN = np.asarray(IMAGENET_MEAN, dtype=np.float32)
+_STD = np.asarray(IMAGENET_STD, dtype=np.float32)
 
 
 def grey_uint8(path: str, size: int) -> np.ndarray | None:
