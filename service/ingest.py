@@ -1,9 +1,14 @@
 """The one path every instance takes into the archive: header, file, row, answer.
 
-Both the C-STORE handler and ``import DIR`` call :meth:`Ingestor.ingest`.  Rows
-are written by one committer thread per process that groups whatever stores are
-waiting into one transaction (group commit); each store still returns only after
-the transaction holding its row has committed.
+Both the C-STORE handler and ``import DIR`` call :meth:`Ingestor.ingest`.  Rows are
+written by one committer thread per process that groups whatever stores are
+waiting into one transaction (group commit); each store returns only after the
+transaction holding its row has committed.
+
+The two slow steps of a store overlap: the committer inserts the row while the
+store's own thread flushes the file to disk, and commits once every file of the
+batch is durable in place, so a committed row never names a file a crash could
+lose (benchmarks/ingest/README.md has the measurements).
 """
 
 from __future__ import annotations
@@ -12,17 +17,16 @@ import hashlib
 import json
 import logging
 import os
-import queue
 import socket
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FuturesTimeout
+from concurrent.futures import Future
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import DBAPIError
 
 from .dicom_header import (
     STATUS_DATASET_MISMATCH,
@@ -38,51 +42,46 @@ log = logging.getLogger(__name__)
 SUCCESS = 0x0000
 
 # ---------------------------------------------------------------- SQL
+# DBAPI "pyformat" strings: the committer runs them on the driver connection itself
+# (psycopg 3 or psycopg2), without SQLAlchemy, whose per-statement work was a sixth
+# of the listener's CPU per instance (benchmarks/ingest/README.md)
 
-_INSERT_PATIENTS = sa.text(
-    """
-    INSERT INTO patients (patient_id, issuer_of_patient_id, patient_name, patient_birth_date,
-                          patient_sex)
-    SELECT * FROM unnest(CAST(:patient_id AS text[]), CAST(:issuer AS text[]),
-                         CAST(:name AS text[]), CAST(:birth_date AS date[]), CAST(:sex AS text[]))
-    ON CONFLICT (patient_id, issuer_of_patient_id) DO NOTHING
-    """
-)
-_SELECT_PATIENTS = sa.text(
-    """
-    SELECT p.id, p.patient_id, p.issuer_of_patient_id FROM patients p
-    JOIN unnest(CAST(:patient_id AS text[]), CAST(:issuer AS text[])) AS k(pid, iss)
-      ON p.patient_id = k.pid AND p.issuer_of_patient_id = k.iss
-    """
-)
-_INSERT_STUDIES = sa.text(
-    """
-    INSERT INTO studies (study_instance_uid, patient_pk, study_date, study_time, accession_number,
-                         study_id, study_description, referring_physician_name)
-    SELECT * FROM unnest(CAST(:uid AS text[]), CAST(:patient_pk AS bigint[]),
-                         CAST(:study_date AS date[]), CAST(:study_time AS text[]),
-                         CAST(:accession AS text[]), CAST(:study_id AS text[]),
-                         CAST(:description AS text[]), CAST(:referring AS text[]))
-    ON CONFLICT (study_instance_uid) DO NOTHING
-    """
-)
-_INSERT_SERIES = sa.text(
-    """
-    INSERT INTO series (series_instance_uid, study_instance_uid, modality, series_number,
-                        series_description, body_part_examined, manufacturer,
-                        manufacturer_model_name, station_name, series_date)
-    SELECT * FROM unnest(CAST(:uid AS text[]), CAST(:study_uid AS text[]),
-                         CAST(:modality AS text[]), CAST(:number AS integer[]),
-                         CAST(:description AS text[]), CAST(:body_part AS text[]),
-                         CAST(:manufacturer AS text[]), CAST(:model AS text[]),
-                         CAST(:station AS text[]), CAST(:series_date AS date[]))
-    ON CONFLICT (series_instance_uid) DO NOTHING
-    """
-)
+_INSERT_PATIENTS = """
+INSERT INTO patients (patient_id, issuer_of_patient_id, patient_name, patient_birth_date,
+                      patient_sex)
+SELECT * FROM unnest(CAST(%(patient_id)s AS text[]), CAST(%(issuer)s AS text[]),
+                     CAST(%(name)s AS text[]), CAST(%(birth_date)s AS date[]), CAST(%(sex)s AS text[]))
+ON CONFLICT (patient_id, issuer_of_patient_id) DO NOTHING
+"""
+_SELECT_PATIENTS = """
+SELECT p.id, p.patient_id, p.issuer_of_patient_id FROM patients p
+JOIN unnest(CAST(%(patient_id)s AS text[]), CAST(%(issuer)s AS text[])) AS k(pid, iss)
+  ON p.patient_id = k.pid AND p.issuer_of_patient_id = k.iss
+"""
+_INSERT_STUDIES = """
+INSERT INTO studies (study_instance_uid, patient_pk, study_date, study_time, accession_number,
+                     study_id, study_description, referring_physician_name)
+SELECT * FROM unnest(CAST(%(uid)s AS text[]), CAST(%(patient_pk)s AS bigint[]),
+                     CAST(%(study_date)s AS date[]), CAST(%(study_time)s AS text[]),
+                     CAST(%(accession)s AS text[]), CAST(%(study_id)s AS text[]),
+                     CAST(%(description)s AS text[]), CAST(%(referring)s AS text[]))
+ON CONFLICT (study_instance_uid) DO NOTHING
+"""
+_INSERT_SERIES = """
+INSERT INTO series (series_instance_uid, study_instance_uid, modality, series_number,
+                    series_description, body_part_examined, manufacturer,
+                    manufacturer_model_name, station_name, series_date)
+SELECT * FROM unnest(CAST(%(uid)s AS text[]), CAST(%(study_uid)s AS text[]),
+                     CAST(%(modality)s AS text[]), CAST(%(number)s AS integer[]),
+                     CAST(%(description)s AS text[]), CAST(%(body_part)s AS text[]),
+                     CAST(%(manufacturer)s AS text[]), CAST(%(model)s AS text[]),
+                     CAST(%(station)s AS text[]), CAST(%(series_date)s AS date[]))
+ON CONFLICT (series_instance_uid) DO NOTHING
+"""
 # counter deltas of one process, added to its row
 _STATS_UPSERT = """
     INSERT INTO ingest_stats AS s (node, received, stored, duplicates, rejected, bytes_stored)
-    VALUES (:node, :received, :stored, :duplicates, :rejected, :bytes_stored)
+    VALUES (%(node)s, %(received)s, %(stored)s, %(duplicates)s, %(rejected)s, %(bytes_stored)s)
     ON CONFLICT (node) DO UPDATE SET
         received = s.received + EXCLUDED.received,
         stored = s.stored + EXCLUDED.stored,
@@ -93,35 +92,31 @@ _STATS_UPSERT = """
 """
 # instances and their queue entries in one round trip; the rows travel as one JSON
 # document, which is cheaper to send than one array per column (no array escaping)
-_INSERT_INSTANCES = sa.text(
-    f"""
-    WITH inserted AS (
-        INSERT INTO instances (sop_instance_uid, series_instance_uid, study_instance_uid,
-                               sop_class_uid, transfer_syntax_uid, modality, instance_number,
-                               content_date, calling_ae_title, called_ae_title, file_path,
-                               file_size, sha256, tags)
-        SELECT r.sop, r.series, r.study, r.sop_class, r.ts, r.modality, r.number,
-               r.content_date, r.calling, r.called, r.path, r.size, r.sha256, r.tags
-        FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS r(
-            sop text, series text, study text, sop_class text, ts text, modality text,
-            number integer, content_date date, calling text, called text, path text,
-            size bigint, sha256 text, tags jsonb)
-        ON CONFLICT (sop_instance_uid) DO NOTHING
-        RETURNING sop_instance_uid
-    ), queued AS (
-        INSERT INTO work_queue (stage, sop_instance_uid)
-        SELECT stage, inserted.sop_instance_uid
-        FROM inserted CROSS JOIN unnest(CAST(:stages AS text[])) AS stage
-    ), counted AS (
-        {_STATS_UPSERT}
-    )
-    SELECT sop_instance_uid FROM inserted
-    """
+_INSERT_INSTANCES = f"""
+WITH inserted AS (
+    INSERT INTO instances (sop_instance_uid, series_instance_uid, study_instance_uid,
+                           sop_class_uid, transfer_syntax_uid, modality, instance_number,
+                           content_date, calling_ae_title, called_ae_title, file_path,
+                           file_size, sha256, tags)
+    SELECT r.sop, r.series, r.study, r.sop_class, r.ts, r.modality, r.number,
+           r.content_date, r.calling, r.called, r.path, r.size, r.sha256, r.tags
+    FROM jsonb_to_recordset(CAST(%(rows)s AS jsonb)) AS r(
+        sop text, series text, study text, sop_class text, ts text, modality text,
+        number integer, content_date date, calling text, called text, path text,
+        size bigint, sha256 text, tags jsonb)
+    ON CONFLICT (sop_instance_uid) DO NOTHING
+    RETURNING sop_instance_uid
+), queued AS (
+    INSERT INTO work_queue (stage, sop_instance_uid)
+    SELECT stage, inserted.sop_instance_uid
+    FROM inserted CROSS JOIN unnest(CAST(%(stages)s AS text[])) AS stage
+), counted AS (
+    {_STATS_UPSERT}
 )
-_UPSERT_STATS = sa.text(_STATS_UPSERT)
-_HASHES_BY_PATH = sa.text(
-    "SELECT file_path, sha256 FROM instances WHERE file_path = ANY(CAST(:paths AS text[]))"
-)
+SELECT sop_instance_uid FROM inserted
+"""
+_HASHES_BY_PATH = (
+    "SELECT file_path, sha256 FROM instances WHERE file_path = ANY(CAST(%(paths)s AS text[]))")
 
 # ---------------------------------------------------------------- records
 
@@ -142,7 +137,14 @@ class _Record:
     sha256: str
     calling_ae: str | None
     called_ae: str | None
-    future: Future = field(default_factory=Future)
+    # -> PendingFile once the file is durable in place, or the OSError that prevented it
+    placed: Future = field(default_factory=Future)
+    result: str | None = None  # stored | duplicate, once its transaction committed
+    error: BaseException | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.result is not None or self.error is not None
 
     @property
     def patient_key(self) -> tuple[str, str]:
@@ -162,7 +164,69 @@ class Counters:
         return dict(self.__dict__)
 
 
+class _DriverConnection:
+    """The committer's driver connection (psycopg 3 or psycopg2), in autocommit mode.
+
+    Taken from the engine's pool and detached from it: it lives as long as the committer
+    and sends BEGIN and COMMIT itself, so that a COMMIT can wait for the batch's files.
+    """
+
+    def __init__(self, engine: Engine):
+        self._pooled = engine.raw_connection()
+        self.driver = self._pooled.driver_connection
+        self._pooled.detach()
+        self.driver.autocommit = True
+        self.errors = engine.dialect.loaded_dbapi
+
+    def execute(self, sql: str, params: Mapping[str, Any] | None = None) -> list[tuple]:
+        cursor = self.driver.cursor()
+        try:
+            cursor.execute(sql, params)
+            return cursor.fetchall() if cursor.description is not None else []
+        finally:
+            cursor.close()
+
+    @property
+    def closed(self) -> bool:
+        return bool(self.driver.closed)
+
+    def is_connection_error(self, exc: BaseException) -> bool:
+        return isinstance(exc, (self.errors.OperationalError, self.errors.InterfaceError)) \
+            or self.closed
+
+    def close(self) -> None:
+        self._pooled.close()
+
+
+class StorageFailure(Exception):
+    """The instance's file could not be placed; its row was not committed."""
+
+    def __init__(self, error: OSError):
+        super().__init__(str(error))
+        self.error = error
+
+
+class _PlacementFailed(Exception):
+    """Some files of a batch could not be placed; the batch's transaction was rolled back."""
+
+    def __init__(self, failed: Mapping[int, OSError]):
+        super().__init__(f"{len(failed)} file(s) could not be placed")
+        self.failed = failed
+
+
+def _placement_errors(batch: Iterable[_Record]) -> dict[int, OSError]:
+    """Waits until every file of the batch is placed; the records whose file failed."""
+    failed: dict[int, OSError] = {}
+    for record in batch:
+        try:
+            record.placed.result()
+        except OSError as exc:
+            failed[id(record)] = exc
+    return failed
+
+
 def _is_connection_error(exc: BaseException) -> bool:
+    """For SQLAlchemy's wrapped errors (the engine's connections, outside the committer)."""
     return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated) or isinstance(
         exc, (sa.exc.OperationalError, sa.exc.InterfaceError)
     )
@@ -217,7 +281,6 @@ class Ingestor:
         batch_max: int = 128,
         node: str | None = None,
         stats_interval: float = 1.0,
-        io_threads: int = 16,
     ):
         self.engine = engine
         self.store = store
@@ -228,13 +291,16 @@ class Ingestor:
         self.counters = Counters()
         self._unflushed = Counters()
         self._lock = threading.Lock()
-        self._queue: queue.SimpleQueue[_Record | None] = queue.SimpleQueue()
+        # records waiting for the committer; one lock, a condition for each side
+        group_lock = threading.Lock()
+        self._work_ready = threading.Condition(group_lock)
+        self._batch_done = threading.Condition(group_lock)
+        self._waiting: list[_Record] = []
         self._cache = _KeyCache()
         self._unresolved: list[PendingFile] = []
         self._thread: threading.Thread | None = None
         self._stopping = False
-        self._conn: sa.Connection | None = None
-        self._io_pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="file-write")
+        self._conn: _DriverConnection | None = None
 
     # -- lifecycle
 
@@ -247,21 +313,19 @@ class Ingestor:
         return self
 
     def close(self) -> None:
-        self._stopping = True
+        with self._work_ready:
+            self._stopping = True
+            self._work_ready.notify()
         if self._thread is not None:
-            self._queue.put(None)
+            # the committer commits what is waiting, then stops
             self._thread.join(timeout=30)
             self._thread = None
-        # stores that arrived after the committer stopped are answered with a failure
-        while True:
-            try:
-                record = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if record is not None and not record.future.done():
-                record.future.set_exception(RuntimeError("service is shutting down"))
+        with self._batch_done:
+            for record in self._waiting:
+                record.error = RuntimeError("service is shutting down")
+            self._waiting.clear()
+            self._batch_done.notify_all()
         self._drop_connection()
-        self._io_pool.shutdown(wait=True)
         try:
             self._flush_stats()
         except DBAPIError as exc:
@@ -295,8 +359,14 @@ class Ingestor:
         if self._stopping:
             self._count(rejected=1)
             return StoreOutcome(STATUS_OUT_OF_RESOURCES, "failed", None, "service is stopping")
-        # the file is written while this thread reads the header
-        temp_future = self._io_pool.submit(self.store.write_temp, encoded)
+        # written before the parse, so that the disk already has the data when place()
+        # flushes it; a write error is reported only for an instance that parses
+        temp: Path | None = None
+        write_error: OSError | None = None
+        try:
+            temp = self.store.write_temp(encoded)
+        except OSError as exc:
+            write_error = exc
         try:
             header = read_header(encoded)
             if expected_sop_instance_uid and expected_sop_instance_uid != header.sop_instance_uid:
@@ -312,42 +382,53 @@ class Ingestor:
                     f"{expected_sop_class_uid}",
                 )
         except InvalidInstance as exc:
-            self._discard(temp_future)
+            if temp is not None:
+                self.store.discard_temp(temp)
             self._count(rejected=1)
             log.warning("rejected instance: %s", exc.reason,
                         extra={"status": f"0x{exc.status:04X}", "calling_ae": calling_ae})
             return StoreOutcome(exc.status, "rejected", None, exc.reason)
 
-        digest = hashlib.sha256(encoded).hexdigest()
         sop = header.sop_instance_uid
         relative = relative_path(header.study_instance_uid, header.series_instance_uid, sop)
-        try:
-            pending = self.store.place(temp_future.result(), relative)
-        except OSError as exc:
-            self._count(rejected=1)
-            log.error("cannot write instance file: %s", exc, extra={"sop_instance_uid": sop})
-            return StoreOutcome(STATUS_OUT_OF_RESOURCES, "failed", sop, f"storage: {exc}")
-
+        if temp is None:
+            return self._storage_failed(sop, write_error)
         record = _Record(
             header=header,
             relative=relative,
             size=len(encoded),
-            sha256=digest,
+            sha256=hashlib.sha256(encoded).hexdigest(),
             calling_ae=calling_ae,
             called_ae=called_ae,
         )
-        self._queue.put(record)
+        # the committer inserts the row while this thread flushes the file; it commits
+        # only after both
+        with self._work_ready:
+            self._waiting.append(record)
+            self._work_ready.notify()
+        try:
+            record.placed.set_result(self.store.place(temp, relative))
+        except OSError as exc:
+            record.placed.set_exception(exc)
         try:
             result = self._wait(record)
+        except StorageFailure as exc:
+            return self._storage_failed(sop, exc.error)
         except Exception as exc:
             # the transaction may or may not have committed: the pending file is settled
             # against the database once it answers again (also at every start-up)
-            with self._lock:
-                self._unresolved.append(pending)
+            try:
+                pending = record.placed.result()
+            except OSError:
+                pass  # place() removed what it had written
+            else:
+                with self._lock:
+                    self._unresolved.append(pending)
             self._count(rejected=1)
             reason = f"database: {getattr(exc, 'orig', exc) or exc}"
             log.error("cannot index instance: %s", reason, extra={"sop_instance_uid": sop})
             return StoreOutcome(STATUS_OUT_OF_RESOURCES, "failed", sop, reason)
+        pending = record.placed.result()
         try:
             if result == "stored":
                 self.store.finish_stored(pending)
@@ -362,46 +443,44 @@ class Ingestor:
             log.warning("could not finish file placement: %s", exc, extra={"sop_instance_uid": sop})
         return StoreOutcome(SUCCESS, result, sop)
 
-    def _wait(self, record: _Record) -> str:
-        while True:
-            try:
-                return record.future.result(timeout=1.0)
-            except FuturesTimeout:
-                thread = self._thread
-                if thread is None or not thread.is_alive():
-                    raise RuntimeError("the committer has stopped") from None
+    def _storage_failed(self, sop: str, exc: OSError) -> StoreOutcome:
+        self._count(rejected=1)
+        log.error("cannot write instance file: %s", exc, extra={"sop_instance_uid": sop})
+        return StoreOutcome(STATUS_OUT_OF_RESOURCES, "failed", sop, f"storage: {exc}")
 
-    def _discard(self, temp_future: Future) -> None:
-        try:
-            self.store.discard_temp(temp_future.result())
-        except OSError:
-            pass
+    def _wait(self, record: _Record) -> str:
+        with self._batch_done:
+            while not record.done:
+                if not self._batch_done.wait(timeout=1.0):
+                    thread = self._thread
+                    if thread is None or not thread.is_alive():
+                        raise RuntimeError("the committer has stopped")
+        if record.error is not None:
+            raise record.error
+        return record.result
 
     # -- committer thread
 
     def _run(self) -> None:
         while True:
-            try:
-                first = self._queue.get(timeout=self.stats_interval)
-            except queue.Empty:
+            with self._work_ready:
+                if not self._waiting and not self._stopping:
+                    self._work_ready.wait(timeout=self.stats_interval)
+                if self._stopping and not self._waiting:
+                    return
+                batch = self._waiting[:self.batch_max]
+                del self._waiting[:self.batch_max]
+            if not batch:
                 self._idle_work()
                 continue
-            if first is None:
-                return
-            batch = [first]
-            stop = False
-            while len(batch) < self.batch_max:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:
-                    stop = True
-                    break
-                batch.append(item)
-            self._commit_batch(batch)
-            if stop:
-                return
+            try:
+                self._commit_batch(batch)
+            finally:
+                with self._batch_done:
+                    for record in batch:
+                        if not record.done:
+                            record.error = RuntimeError("the commit did not finish")
+                    self._batch_done.notify_all()
 
     def _idle_work(self) -> None:
         try:
@@ -412,29 +491,36 @@ class Ingestor:
 
     def _commit_batch(self, batch: list[_Record]) -> None:
         try:
-            results = self._write_rows(batch)
-        except IntegrityError:
-            # a cached parent row was deleted behind our back: forget the cache, try once more
-            self._cache.clear()
             try:
                 results = self._write_rows(batch)
             except Exception as exc:
-                self._fail_or_split(batch, exc)
-                return
+                if not self._is_integrity_error(exc):
+                    raise
+                # a cached parent row was deleted behind our back: forget the cache, try again
+                self._cache.clear()
+                results = self._write_rows(batch)
+        except _PlacementFailed as failure:
+            for record in batch:
+                if id(record) in failure.failed:
+                    record.error = StorageFailure(failure.failed[id(record)])
+            rest = [record for record in batch if id(record) not in failure.failed]
+            if rest:
+                self._commit_batch(rest)
+            return
         except Exception as exc:
             self._fail_or_split(batch, exc)
             return
         for record in batch:
-            record.future.set_result(results[id(record)])
+            record.result = results[id(record)]
 
     def _fail_or_split(self, batch: list[_Record], exc: Exception) -> None:
-        if len(batch) > 1 and not _is_connection_error(exc):
+        if len(batch) > 1 and not self._lost_connection(exc):
             # one bad row must not fail the others: commit them one by one
             for record in batch:
                 self._commit_batch([record])
             return
         for record in batch:
-            record.future.set_exception(exc)
+            record.error = exc
 
     def _write_rows(self, batch: list[_Record]) -> dict[int, str]:
         results: dict[int, str] = {}
@@ -447,23 +533,26 @@ class Ingestor:
         records = list(unique.values())
         conn = self._connection()
         try:
-            if self._parents_known(records):
-                # the common case: one statement, committed on its own (one round trip)
-                patients, new_studies, new_series = {}, [], []
-                inserted = self._insert_instances(conn, records)
-            else:
-                conn.exec_driver_sql("BEGIN")
-                try:
+            conn.execute("BEGIN")
+            try:
+                if self._parents_known(records):
+                    patients, new_studies, new_series = {}, [], []
+                else:
                     patients = self._ensure_patients(conn, records)
                     new_studies = self._ensure_studies(conn, records, patients)
                     new_series = self._ensure_series(conn, records)
-                    inserted = self._insert_instances(conn, records)
-                except BaseException:
-                    conn.exec_driver_sql("ROLLBACK")
-                    raise
-                conn.exec_driver_sql("COMMIT")
+                inserted = self._insert_instances(conn, records)
+                # the rows commit only once every file of the batch is durable in place
+                failed = _placement_errors(batch)
+                if failed:
+                    raise _PlacementFailed(failed)
+            except BaseException:
+                if not conn.closed:
+                    conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
         except BaseException as exc:
-            if _is_connection_error(exc):
+            if conn.is_connection_error(exc):
                 self._drop_connection()
             raise
         self._cache.remember(patients, new_studies, new_series)
@@ -478,16 +567,18 @@ class Ingestor:
                    and r.header.study_instance_uid in cache.studies
                    and r.patient_key in cache.patients for r in records)
 
-    def _connection(self) -> sa.Connection:
-        """The committer's own autocommit connection, kept open between batches.
-
-        Autocommit lets the common batch be one statement that commits itself; batches
-        that must also create patients, studies or series open a transaction.
-        """
-        if self._conn is None or self._conn.closed or self._conn.invalidated:
+    def _connection(self) -> _DriverConnection:
+        """The committer's connection, kept open between batches."""
+        if self._conn is None or self._conn.closed:
             self._drop_connection()
-            self._conn = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+            self._conn = _DriverConnection(self.engine)
         return self._conn
+
+    def _is_integrity_error(self, exc: BaseException) -> bool:
+        return self._conn is not None and isinstance(exc, self._conn.errors.IntegrityError)
+
+    def _lost_connection(self, exc: BaseException) -> bool:
+        return self._conn is None or self._conn.is_connection_error(exc)
 
     def _drop_connection(self) -> None:
         if self._conn is not None:
@@ -497,7 +588,7 @@ class Ingestor:
                 pass
             self._conn = None
 
-    def _ensure_patients(self, conn: sa.Connection, records: list[_Record]) -> dict[tuple[str, str], int]:
+    def _ensure_patients(self, conn: _DriverConnection, records: list[_Record]) -> dict[tuple[str, str], int]:
         known = self._cache.patients
         missing: dict[tuple[str, str], _Record] = {}
         for record in records:
@@ -522,7 +613,7 @@ class Ingestor:
             found[(pid, issuer)] = pk
         return found
 
-    def _ensure_studies(self, conn: sa.Connection, records: list[_Record],
+    def _ensure_studies(self, conn: _DriverConnection, records: list[_Record],
                         patients: Mapping[tuple[str, str], int]) -> list[str]:
         todo = _first_per_key(records, lambda h: h.study_instance_uid, self._cache.studies)
         if todo:
@@ -540,7 +631,7 @@ class Ingestor:
             })
         return list(todo)
 
-    def _ensure_series(self, conn: sa.Connection, records: list[_Record]) -> list[str]:
+    def _ensure_series(self, conn: _DriverConnection, records: list[_Record]) -> list[str]:
         todo = _first_per_key(records, lambda h: h.series_instance_uid, self._cache.series)
         if todo:
             uids = sorted(todo)
@@ -559,7 +650,7 @@ class Ingestor:
             })
         return list(todo)
 
-    def _insert_instances(self, conn: sa.Connection, records: list[_Record]) -> set[str]:
+    def _insert_instances(self, conn: _DriverConnection, records: list[_Record]) -> set[str]:
         rows = []
         for r in records:
             h = r.header
@@ -605,14 +696,14 @@ class Ingestor:
         if any(deltas.as_dict().values()):
             try:
                 with self.engine.begin() as conn:
-                    conn.execute(_UPSERT_STATS, {"node": self.node, **deltas.as_dict()})
+                    conn.exec_driver_sql(_STATS_UPSERT, {"node": self.node, **deltas.as_dict()})
             except BaseException:
                 self._restore_unflushed(deltas)
                 raise
 
     def _committed_hashes(self, paths: Iterable[str]) -> dict[str, str]:
         with self.engine.connect() as conn:
-            return dict(conn.execute(_HASHES_BY_PATH, {"paths": list(paths)}).all())
+            return dict(conn.exec_driver_sql(_HASHES_BY_PATH, {"paths": list(paths)}).all())
 
     def resolve_pending(self) -> dict[str, int]:
         """Settle files of unfinished stores (crash, lost database) against committed rows."""

@@ -6,6 +6,7 @@ import hashlib
 import socket
 import struct
 import threading
+import time
 
 import pydicom
 import pytest
@@ -225,6 +226,59 @@ def test_storage_failure_answers_out_of_resources(service, monkeypatch):
     assoc.release()
     assert status.Status == 0xA700
     assert service.scalar("SELECT count(*) FROM instances") == 0
+
+
+def test_row_commits_only_after_its_file_is_durable(service, monkeypatch):
+    """The committer inserts the row while the file is flushed: the row must stay
+    uncommitted until place() has returned."""
+    real_place = service.ingestor.store.place
+    seen_while_flushing = []
+
+    def slow_place(temp, relative):
+        time.sleep(0.3)  # the committer has long sent its INSERT by now
+        seen_while_flushing.append(service.scalar("SELECT count(*) FROM instances"))
+        return real_place(temp, relative)
+
+    monkeypatch.setattr(service.ingestor.store, "place", slow_place)
+    assoc = associate(service.port)
+    assert assoc.send_c_store(make_ct()).Status == 0x0000
+    assoc.release()
+    assert seen_while_flushing == [0]
+    assert service.scalar("SELECT count(*) FROM instances") == 1
+
+
+def test_a_file_that_cannot_be_placed_rolls_back_only_its_own_row(service, monkeypatch):
+    """Two stores at once, both rows written before either file is flushed: the row of
+    the one whose flush fails is not committed, the other's is."""
+    real_place = service.ingestor.store.place
+    failing = make_ct()
+    both_queued = threading.Barrier(2, timeout=10)
+
+    def place(temp, relative):
+        both_queued.wait()  # both records reach the committer before either is placed
+        if failing.SOPInstanceUID in relative:
+            raise OSError(5, "Input/output error")
+        return real_place(temp, relative)
+
+    monkeypatch.setattr(service.ingestor.store, "place", place)
+    statuses = {}
+
+    def send(ds):
+        assoc = associate(service.port)
+        statuses[ds.SOPInstanceUID] = assoc.send_c_store(ds).Status
+        assoc.release()
+
+    good = make_ct()
+    threads = [threading.Thread(target=send, args=(ds,)) for ds in (failing, good)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert statuses == {failing.SOPInstanceUID: 0xA700, good.SOPInstanceUID: 0x0000}
+    assert service.scalar("SELECT array_agg(sop_instance_uid) FROM instances") == [
+        good.SOPInstanceUID]
+    assert service.scalar("SELECT count(*) FROM work_queue") == 1
+    assert [p.name for p in instance_files(service)] == [f"{good.SOPInstanceUID}.dcm"]
 
 
 def test_address_allow_list(service_factory):
