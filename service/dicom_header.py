@@ -133,7 +133,18 @@ def _binary_json(value: bytes | None) -> Any:
 
 
 def _text_json(text: str, vr: str) -> Any:
-    text = _clean_text(text)
+    return _split_text(_clean_text(text), vr)
+
+
+def _decoded_text_json(text: str, vr: str) -> Any:
+    """:func:`_text_json` for text from ``bytes.decode(..., "replace")``, which cannot hold
+    lone surrogates, so the UTF-8 round trip of :func:`_clean_text` is skipped."""
+    if "\x00" in text:
+        text = text.replace("\x00", "")
+    return _split_text(text[:MAX_TEXT_LENGTH], vr)
+
+
+def _split_text(text: str, vr: str) -> Any:
     if vr in _SINGLE_VALUED_TEXT:
         return text.rstrip(" ") or None
     if "\\" not in text:
@@ -154,7 +165,7 @@ def convert_bytes(data: bytes, vr: str, little_endian: bool, encoding: str) -> A
     if not data:
         return None
     if vr in _TEXT_VRS:
-        return _text_json(data.decode(encoding, "replace").rstrip(" \x00"), vr)
+        return _decoded_text_json(data.decode(encoding, "replace").rstrip(" \x00"), vr)
     endian = "<" if little_endian else ">"
     if vr == "AT":
         if len(data) % 4:
@@ -173,7 +184,7 @@ def convert_bytes(data: bytes, vr: str, little_endian: bool, encoding: str) -> A
     return values[0] if count == 1 else values
 
 
-@lru_cache(maxsize=None)
+@lru_cache(maxsize=65536)  # bounded: private tags from senders are open-ended
 def _dictionary_entry(tag: int) -> tuple[str, str]:
     """(VR, keyword) from the data dictionary; ("UN", "") when unknown."""
     try:
@@ -184,6 +195,30 @@ def _dictionary_entry(tag: int) -> tuple[str, str]:
 
 def _key(tag: int, keyword: str) -> str:
     return keyword or f"{tag:08X}"
+
+
+_ELEMENT_INFO: dict[int, tuple[str, str, str, bool]] = {}
+_ELEMENT_INFO_LIMIT = 100_000  # private tags are open-ended: a hostile sender cannot grow it
+
+
+def _element_info(tag: int) -> tuple[str, str, str, bool]:
+    """(JSON key, dictionary VR, keyword, not indexed) of a tag, memoised."""
+    info = _ELEMENT_INFO.get(tag)
+    if info is None:
+        vr, keyword = _dictionary_entry(tag)
+        info = (_key(tag, keyword), vr, keyword, tag & 0xFFFF == 0 or tag in _PIXEL_TAGS)
+        if len(_ELEMENT_INFO) >= _ELEMENT_INFO_LIMIT:
+            _ELEMENT_INFO.clear()
+        _ELEMENT_INFO[tag] = info
+    return info
+
+
+_EXPLICIT_HEADER = struct.Struct("<HH2sH")  # group, element, VR, 16-bit length
+_IMPLICIT_HEADER = struct.Struct("<HHI")  # group, element, 32-bit length
+_LENGTH_32 = struct.Struct("<I")
+_VR_NAMES = {vr.encode("ascii"): vr for vr in (
+    "AE AS AT CS DA DS DT FD FL IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV TM UC UI UL "
+    "UN UR US UT UV").split()}
 
 
 # ---------------------------------------------------------------- direct parser
@@ -223,18 +258,44 @@ class _LittleEndianReader:
         return tag, vr.decode("ascii"), length, pos + 8
 
     def read(self, pos: int, end: int, depth: int, implicit: bool) -> tuple[dict[str, Any], int]:
-        """Elements from ``pos`` to ``end`` (or to an item delimiter); returns (json, new pos)."""
+        """Elements from ``pos`` to ``end`` (or to an item delimiter); returns (json, new pos).
+
+        The element header is decoded inline rather than by :meth:`_header`: this loop
+        runs for every element of every stored instance (benchmarks/ingest/README.md).
+        """
         out: dict[str, Any] = {}
         buf = self.buffer
+        size = len(buf)
         while pos < end:
-            if pos + 8 > len(buf):
+            if pos + 8 > size:
                 raise _Truncated("truncated element header")
-            tag, vr, length, pos = self._header(pos, implicit)
+            if implicit:
+                group, element, length = _IMPLICIT_HEADER.unpack_from(buf, pos)
+                vr = None
+                pos += 8
+            else:
+                group, element, vr_bytes, length = _EXPLICIT_HEADER.unpack_from(buf, pos)
+                if group == 0xFFFE:
+                    (length,) = _LENGTH_32.unpack_from(buf, pos + 4)
+                    vr = None
+                    pos += 8
+                elif vr_bytes in _LONG_LENGTH_VRS:
+                    (length,) = _LENGTH_32.unpack_from(buf, pos + 8)
+                    vr = _VR_NAMES[vr_bytes]
+                    pos += 12
+                else:
+                    vr = _VR_NAMES.get(vr_bytes)
+                    if vr is None:
+                        if not (65 <= vr_bytes[0] <= 90 and 65 <= vr_bytes[1] <= 90):
+                            raise _Unsupported(f"bad VR bytes {vr_bytes!r}")
+                        vr = vr_bytes.decode("ascii")
+                    pos += 8
+            tag = (group << 16) | element
             if tag == _ITEM_END:
                 return out, pos
-            if tag in _PIXEL_TAGS and depth == 0:
-                return out, len(buf)  # nothing after the pixels is indexed (as pydicom)
-            dict_vr, keyword = _dictionary_entry(tag)
+            if depth == 0 and tag in _PIXEL_TAGS:
+                return out, size  # nothing after the pixels is indexed (as pydicom)
+            key, dict_vr, keyword, not_indexed = _element_info(tag)
             if vr is None or (vr == "UN" and keyword):
                 vr = dict_vr
                 if vr.startswith("US or SS"):
@@ -246,25 +307,27 @@ class _LittleEndianReader:
                 value, pos = self._sequence(pos, None, depth, implicit or vr == "UN")
             else:
                 value_end = pos + length
-                if value_end > len(buf):
+                if value_end > size:
                     raise _Truncated("value runs past the end")
                 if vr == "SQ":
                     value, _ = self._sequence(pos, value_end, depth, implicit)
-                elif tag & 0xFFFF == 0 or tag in _PIXEL_TAGS:
+                elif not_indexed:
                     value = None  # group lengths are not indexed
-                elif vr in _BINARY_VRS or vr not in _TEXT_VRS and vr not in _STRUCT_CODES \
-                        and vr != "AT":
-                    value = _binary_json(buf[pos:value_end])
-                else:
-                    value = convert_bytes(buf[pos:value_end], vr, True, self.encoding)
+                elif vr in _TEXT_VRS:
+                    text = buf[pos:value_end].decode(self.encoding, "replace").rstrip(" \x00")
+                    value = _decoded_text_json(text, vr) if text else None
                     if tag == 0x00080005:
                         self._set_charset(value)
-                    elif tag == 0x00280103:
+                elif vr in _STRUCT_CODES or vr == "AT":
+                    value = convert_bytes(buf[pos:value_end], vr, True, self.encoding)
+                    if tag == 0x00280103:
                         self.signed_pixels = value == 1
+                else:
+                    value = _binary_json(buf[pos:value_end])
                 pos = value_end
-            if tag & 0xFFFF == 0 or tag in _PIXEL_TAGS:
+            if not_indexed:
                 continue
-            out[_key(tag, keyword)] = value
+            out[key] = value
         return out, pos
 
     def _set_charset(self, value: Any) -> None:
