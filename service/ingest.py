@@ -308,6 +308,7 @@ class Ingestor:
         self.store.prepare()
         if resolve:
             self.resolve_pending()
+        self.store.start_spares()
         self._thread = threading.Thread(target=self._run, name="group-committer", daemon=True)
         self._thread.start()
         return self
@@ -326,6 +327,7 @@ class Ingestor:
             self._waiting.clear()
             self._batch_done.notify_all()
         self._drop_connection()
+        self.store.close()
         try:
             self._flush_stats()
         except DBAPIError as exc:

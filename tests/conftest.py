@@ -102,6 +102,14 @@ class RunningService:
         return sorted(p for p in self.storage.rglob("*") if p.is_file())
 
 
+def leftover_temps(storage: Path) -> list[Path]:
+    """Temp names of unfinished stores: what a finished store or a clean start-up must not
+    leave.  The spare files a running listener keeps ready live in sub-folders."""
+    from service.storage import INCOMING
+
+    return sorted((storage / INCOMING).glob("*.tmp"))
+
+
 def _start_service(settings: Settings, engine: sa.Engine) -> Iterator[RunningService]:
     ingestor = Ingestor(engine, FileStore(settings.storage_path), stages=settings.queue_stages,
                         batch_max=settings.commit_batch_max, stats_interval=0.2)

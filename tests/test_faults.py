@@ -19,7 +19,7 @@ from service.config import load_settings
 from service.db import create_db_engine, migrate
 from service.storage import INCOMING
 
-from .conftest import REPO_ROOT, _start_service
+from .conftest import REPO_ROOT, _start_service, leftover_temps
 from .dicom_client import associate, make_ct
 from .test_cli import _env, _free_port
 
@@ -71,9 +71,9 @@ def test_database_outage_fails_stores_and_recovers_without_restart(tmp_path, own
         assert kept.SOPInstanceUID in sops and lost.SOPInstanceUID not in sops
         # the failed store's files are settled once the database answers again
         deadline = time.monotonic() + 10
-        while list((service.storage / INCOMING).iterdir()) and time.monotonic() < deadline:
+        while leftover_temps(service.storage) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert list((service.storage / INCOMING).iterdir()) == []
+        assert leftover_temps(service.storage) == []
         files = [p for p in service.stored_files() if INCOMING not in p.parts]
         assert len(files) == len(sops)
     finally:
@@ -166,7 +166,7 @@ def test_kill_9_loses_no_acknowledged_instance(tmp_path):
     assert files == set(rows)         # no orphan files, no rows without files
     for relative, digest in rows.items():
         assert hashlib.sha256((storage / relative).read_bytes()).hexdigest() == digest
-    assert list((storage / INCOMING).iterdir()) == []
+    assert leftover_temps(storage) == [] and not list((storage / INCOMING).glob("spare-*/*"))
 
 
 @pytest.fixture
@@ -196,7 +196,7 @@ def test_disk_full_fails_cleanly_refuses_associations_and_recovers(service_facto
     assert statuses[-1] == 0xA700 and statuses.count(0x0000) == len(statuses) - 1
     stored = service.scalar("SELECT count(*) FROM instances")
     assert stored == len(statuses) - 1
-    assert list((service.storage / INCOMING).iterdir()) == []  # no partial file
+    assert leftover_temps(service.storage) == []  # no partial file
     assert len([p for p in service.stored_files() if INCOMING not in p.parts]) == stored
     time.sleep(1.1)  # the watermark is re-read at most once a second
     refused = associate(service.port)

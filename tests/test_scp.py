@@ -19,6 +19,7 @@ from service.dicom_header import (
 )
 from service.storage import INCOMING
 
+from .conftest import leftover_temps
 from .dicom_client import RawAssociation, associate, encode_dataset, make_ct
 
 
@@ -59,7 +60,7 @@ def test_store_is_committed_and_on_disk_when_success_is_answered(service):
                           s=ds.SOPInstanceUID) == 1
     assert service.scalar("SELECT patient_id FROM patients") == "PAT1"
     assert service.scalar("SELECT modality FROM series") == "CT"
-    assert not list((service.storage / INCOMING).iterdir())
+    assert not leftover_temps(service.storage)
 
 
 def pydicom_row_sql():

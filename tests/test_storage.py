@@ -52,6 +52,40 @@ def test_duplicate_never_overwrites_the_first_file(tmp_path):
     assert list(store.incoming.iterdir()) == []
 
 
+def test_spare_temp_files_are_used_and_removed_at_close(tmp_path):
+    store = FileStore(tmp_path, spare_files=4)
+    store.prepare()
+    store.start_spares()
+    def spares():
+        return set(store.incoming.glob("spare-*/*.tmp"))
+
+    deadline = time.monotonic() + 10
+    while len(spares()) < 4 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    ready = spares()
+    assert len(ready) >= 4
+    assert store.pending_temps() == []  # spares are not unfinished stores
+    temp = store.write_temp(b"payload")
+    assert temp in ready  # no file was created on the store's path
+    pending = store.place(temp, "ab/1/2/3.dcm")
+    store.finish_stored(pending)
+    assert pending.final.read_bytes() == b"payload"
+    store.close()
+    assert spares() == set() and store.pending_temps() == []
+
+
+def test_spares_of_a_dead_process_are_removed_at_start_up(tmp_path):
+    store = FileStore(tmp_path)
+    store.prepare()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    left = store.incoming / "spare-a" / f"{dead.stdout.strip()}.0123456789ab.tmp"
+    left.parent.mkdir()
+    left.touch()
+    assert store.resolve_pending(lambda paths: {}) == {"kept": 0, "removed": 1}
+    assert not left.exists()
+
+
 def _leave_unfinished_store(storage: Path, data: bytes) -> None:
     """A separate process writes and links a file, then dies before any commit."""
     code = (
