@@ -46,6 +46,8 @@ class Settings:
     min_free_disk_mb: int = 1024
     queue_stages: tuple[str, ...] = ("tags",)
     tags_worker: bool = True
+    tags_quiet_seconds: float = 1.0
+    tags_max_lag_seconds: float = 30.0
     site_vocabulary: Path | None = None
     tls_certificate: Path | None = None
     tls_private_key: Path | None = None
@@ -134,6 +136,8 @@ ENV_VARS: dict[str, str] = {
     "PACS_MIN_FREE_DISK_MB": "min_free_disk_mb",
     "PACS_QUEUE_STAGES": "queue_stages",
     "PACS_TAGS_WORKER": "tags_worker",
+    "PACS_TAGS_QUIET_SECONDS": "tags_quiet_seconds",
+    "PACS_TAGS_MAX_LAG_SECONDS": "tags_max_lag_seconds",
     "PACS_SITE_VOCABULARY": "site_vocabulary",
     "PACS_TLS_CERTIFICATE": "tls_certificate",
     "PACS_TLS_PRIVATE_KEY": "tls_private_key",

@@ -125,17 +125,38 @@ def sweep_unassigned(engine: Engine, tag_model: ActiveModelCache, *, limit: int 
         return 0 if model is None else assign_unassigned(conn, model, limit=limit)
 
 
+# is a store still arriving (newest entry younger than the quiet time), and is the oldest
+# entry still within the allowed lag?  Both ends of the partial pending index, no scan.
+_INGEST_BUSY = sa.text(
+    """
+    SELECT now() - max(available_at) < make_interval(secs => :quiet)
+       AND now() - min(available_at) < make_interval(secs => :max_lag)
+    FROM work_queue WHERE stage = :stage AND status = 'pending'
+    """
+)
+
+
 class TagsWorker:
-    """Background thread that keeps ``instance_features`` up to date as instances arrive."""
+    """Background thread that keeps ``instance_features`` up to date as instances arrive.
+
+    With ``quiet_seconds`` > 0 it yields to ingest: while entries keep arriving (the newest
+    is younger than ``quiet_seconds``) it waits, unless the oldest has waited
+    ``max_lag_seconds``.  Parsing tags beside a busy listener took 10-20% of the
+    listener's throughput on 2 cores (benchmarks/ingest/README.md); features of a burst
+    arrive once it pauses, and never later than ``max_lag_seconds`` plus the parse.
+    """
 
     def __init__(self, engine: Engine, *, name: str, vocabulary: Vocabulary | None = None,
-                 batch: int = 200, idle_sleep: float = 0.5, stale_after: float = 600.0):
+                 batch: int = 200, idle_sleep: float = 0.5, stale_after: float = 600.0,
+                 quiet_seconds: float = 0.0, max_lag_seconds: float = 30.0):
         self.engine = engine
         self.name = name
         self.vocabulary = vocabulary
         self.batch = batch
         self.idle_sleep = idle_sleep
         self.stale_after = stale_after
+        self.quiet_seconds = quiet_seconds
+        self.max_lag_seconds = max_lag_seconds
         self.tag_model = ActiveModelCache()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -153,6 +174,9 @@ class TagsWorker:
                     work_queue.release_stale(self.engine, STAGE, self.stale_after)
                     sweep_unassigned(self.engine, self.tag_model)
                     last_sweep = time.monotonic()
+                if self.ingest_busy():
+                    self._stop.wait(min(self.quiet_seconds, self.idle_sleep))
+                    continue
                 done = process_queue_batch(self.engine, self.name, limit=self.batch,
                                            vocabulary=self.vocabulary, tag_model=self.tag_model)
             except sa.exc.DBAPIError as exc:
@@ -160,6 +184,15 @@ class TagsWorker:
                 done = 0
             if not done:
                 self._stop.wait(self.idle_sleep)
+
+    def ingest_busy(self) -> bool:
+        """True while stores keep arriving and the oldest waiting entry is within the lag."""
+        if self.quiet_seconds <= 0:
+            return False
+        with self.engine.connect() as conn:
+            return bool(conn.execute(_INGEST_BUSY, {
+                "quiet": self.quiet_seconds, "max_lag": self.max_lag_seconds, "stage": STAGE,
+            }).scalar())
 
     def stop(self) -> None:
         self._stop.set()

@@ -158,7 +158,8 @@ TAGS_WORKER_NICENESS = 10
 
 
 def _tags_worker_main(settings: Settings, database_url: str, ready: Any) -> None:
-    """The tags stage in its own process, below the listeners' CPU priority.
+    """The tags stage in its own process, below the listeners' CPU priority, yielding to
+    ingest while stores keep arriving (``tags_quiet_seconds``, ``tags_max_lag_seconds``).
 
     Parsing costs CPU that storing needs more: under load the features lag a little and
     catch up, instead of the stores slowing down.
@@ -174,7 +175,9 @@ def _tags_worker_main(settings: Settings, database_url: str, ready: Any) -> None
     stop = _child_stop_event()
     engine = create_db_engine(database_url, pool_size=2)
     worker = TagsWorker(engine, name=f"{os.getpid()}/tags",
-                        vocabulary=load_vocabulary(settings.site_vocabulary)).start()
+                        vocabulary=load_vocabulary(settings.site_vocabulary),
+                        quiet_seconds=settings.tags_quiet_seconds,
+                        max_lag_seconds=settings.tags_max_lag_seconds).start()
     ready.set()
     stop.wait()
     worker.stop()

@@ -53,6 +53,32 @@ def test_serve_gives_a_new_instance_its_features_within_seconds(service):
         worker.stop()
 
 
+def test_tags_worker_yields_while_stores_keep_arriving(engine, tmp_path):
+    patient = features.TagsWorker(engine, name="test", quiet_seconds=5.0, max_lag_seconds=60.0)
+    assert not patient.ingest_busy()  # nothing waiting
+    ingest_datasets(engine, tmp_path / "storage", [make_ct()])
+    assert patient.ingest_busy()  # a store just arrived: ingest goes first
+    lagging = features.TagsWorker(engine, name="test", quiet_seconds=5.0, max_lag_seconds=0.0)
+    assert not lagging.ingest_busy()  # the oldest entry waited long enough: parse now
+    time.sleep(0.5)
+    paused = features.TagsWorker(engine, name="test", quiet_seconds=0.2, max_lag_seconds=60.0,
+                                 idle_sleep=0.05)
+    assert not paused.ingest_busy()  # the stores paused
+    paused.start()
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not _count(engine, "instance_features"):
+            time.sleep(0.05)
+    finally:
+        paused.stop()
+    assert _count(engine, "instance_features") == 1
+
+
+def _count(engine, table: str) -> int:
+    with engine.connect() as conn:
+        return conn.execute(sa.text(f"SELECT count(*) FROM {table}")).scalar()
+
+
 def test_reparse_rebuilds_stale_versions_and_is_resumable(engine, tmp_path):
     ingest_datasets(engine, tmp_path / "storage", [make_ct() for _ in range(5)])
     assert features.reparse(engine, chunk=2, progress=None) == 5
