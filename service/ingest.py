@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError
 
@@ -223,13 +222,6 @@ def _placement_errors(batch: Iterable[_Record]) -> dict[int, OSError]:
         except OSError as exc:
             failed[id(record)] = exc
     return failed
-
-
-def _is_connection_error(exc: BaseException) -> bool:
-    """For SQLAlchemy's wrapped errors (the engine's connections, outside the committer)."""
-    return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated) or isinstance(
-        exc, (sa.exc.OperationalError, sa.exc.InterfaceError)
-    )
 
 
 class _KeyCache:
