@@ -404,6 +404,10 @@ class Ingestor:
             record.placed.set_result(self.store.place(temp, relative))
         except OSError as exc:
             record.placed.set_exception(exc)
+        except BaseException as exc:
+            # the committer waits on this record's file: it must hear of any failure
+            record.placed.set_exception(exc)
+            raise
         try:
             result = self._wait(record)
         except StorageFailure as exc:

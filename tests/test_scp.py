@@ -282,6 +282,23 @@ def test_a_file_that_cannot_be_placed_rolls_back_only_its_own_row(service, monke
     assert [p.name for p in instance_files(service)] == [f"{good.SOPInstanceUID}.dcm"]
 
 
+def test_an_unexpected_error_while_placing_does_not_stall_the_committer(service, monkeypatch):
+    real_place = service.ingestor.store.place
+    broken = make_ct()
+
+    def place(temp, relative):
+        if broken.SOPInstanceUID in relative:
+            raise RuntimeError("a bug")
+        return real_place(temp, relative)
+
+    monkeypatch.setattr(service.ingestor.store, "place", place)
+    assoc = associate(service.port)
+    assert assoc.send_c_store(broken).Status == 0x0110  # processing failure
+    assert assoc.send_c_store(make_ct()).Status == 0x0000  # the next store still commits
+    assoc.release()
+    assert service.scalar("SELECT count(*) FROM instances") == 1
+
+
 def test_address_allow_list(service_factory):
     outside = service_factory(allowed_networks=("10.0.0.0/8",))
     assert not associate(outside.port).is_established
