@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,13 +63,44 @@ class Database:
         self.engine.dispose()
 
 
+def _forget_dead_holders(pgdata: Path) -> None:
+    """pgserver stops its server when the last process holding it exits, and keeps the
+    holders' pids in ``pgdata/.handle_pids.json``.  A holder killed with -9 never leaves
+    that list, so the server would outlive every later run; drop the pids of processes
+    that are gone before joining."""
+    path = pgdata / ".handle_pids.json"
+    try:
+        pids = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    if not isinstance(pids, list):
+        return
+    alive = [pid for pid in pids if isinstance(pid, int) and _process_exists(pid)]
+    if alive != pids:
+        log.info("forgetting embedded PostgreSQL holders that are gone",
+                 extra={"pids": [pid for pid in pids if pid not in alive]})
+        path.write_text(json.dumps(alive))
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def start_embedded(pgdata: Path) -> str:
     """Start (or join) the pgserver PostgreSQL in ``pgdata``; returns its libpq URL.
 
-    The server stops when the last process that called this exits.
+    The server stops when the last process that called this exits (also after a holder
+    was killed: see :func:`_forget_dead_holders`).
     """
     pgdata = pgdata.resolve()
     pgdata.parent.mkdir(parents=True, exist_ok=True)
+    _forget_dead_holders(pgdata)
     with warnings.catch_warnings():
         # platformdirs warns when XDG_RUNTIME_DIR is unset (root shells, CI)
         warnings.simplefilter("ignore")

@@ -16,7 +16,7 @@ import pytest
 import sqlalchemy as sa
 
 from service.config import load_settings
-from service.db import create_db_engine, migrate
+from service.db import create_db_engine, migrate, start_embedded
 from service.storage import INCOMING
 
 from .conftest import REPO_ROOT, _start_service, leftover_temps
@@ -150,15 +150,17 @@ def test_kill_9_loses_no_acknowledged_instance(tmp_path):
         server.send_signal(signal.SIGTERM)
         assert server.wait(timeout=60) == 0
     storage = data_dir / "storage"
-    engine = create_db_engine(
-        subprocess.run([sys.executable, "-m", "service.cli", "db-url"], env=_env(data_dir),
-                       cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout.strip())
+    # the last serve stopped the embedded PostgreSQL; this test holds it for its checks
+    engine = create_db_engine(start_embedded(data_dir / "pgdata"))
     try:
         with engine.connect() as conn:
             rows = dict(conn.execute(sa.text("SELECT file_path, sha256 FROM instances")).all())
             sops = {r[0] for r in conn.execute(sa.text("SELECT sop_instance_uid FROM instances"))}
     finally:
         engine.dispose()
+        import pgserver  # imported by start_embedded, which silences its import warning
+
+        pgserver.get_server(data_dir / "pgdata").cleanup()  # the last holder: it stops
     assert set(acknowledged) <= sops  # nothing acknowledged was lost
     assert sops == set(sent)          # and the retries completed the rest
     files = {p.relative_to(storage).as_posix() for p in storage.rglob("*.dcm")
@@ -167,6 +169,9 @@ def test_kill_9_loses_no_acknowledged_instance(tmp_path):
     for relative, digest in rows.items():
         assert hashlib.sha256((storage / relative).read_bytes()).hexdigest() == digest
     assert leftover_temps(storage) == [] and not list((storage / INCOMING).glob("spare-*/*"))
+    # the killed listener's hold on the embedded PostgreSQL is forgotten: once the last
+    # command exits, the server stops instead of running on
+    assert not (data_dir / "pgdata" / "postmaster.pid").exists()
 
 
 @pytest.fixture
