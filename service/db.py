@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine, make_url
 
 from .config import Settings
+from .processes import process_is_running
 
 log = logging.getLogger(__name__)
 
@@ -75,21 +75,11 @@ def _forget_dead_holders(pgdata: Path) -> None:
         return
     if not isinstance(pids, list):
         return
-    alive = [pid for pid in pids if isinstance(pid, int) and _process_exists(pid)]
+    alive = [pid for pid in pids if isinstance(pid, int) and process_is_running(pid)]
     if alive != pids:
         log.info("forgetting embedded PostgreSQL holders that are gone",
                  extra={"pids": [pid for pid in pids if pid not in alive]})
         path.write_text(json.dumps(alive))
-
-
-def _process_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def start_embedded(pgdata: Path) -> str:

@@ -117,10 +117,14 @@ def parse_da(value: str | None) -> dt.date | None:
 
 
 def _clean_text(value: str) -> str:
+    # lone surrogates (from undecodable bytes) are not valid in JSONB
+    return _cut_text(value.encode("utf-8", "replace").decode("utf-8"))
+
+
+def _cut_text(value: str) -> str:
+    """No NULs (JSONB refuses them), at most MAX_TEXT_LENGTH characters."""
     if "\x00" in value:
         value = value.replace("\x00", "")
-    # lone surrogates (from undecodable bytes) are not valid in JSONB
-    value = value.encode("utf-8", "replace").decode("utf-8")
     return value[:MAX_TEXT_LENGTH]
 
 
@@ -139,9 +143,7 @@ def _text_json(text: str, vr: str) -> Any:
 def _decoded_text_json(text: str, vr: str) -> Any:
     """:func:`_text_json` for text from ``bytes.decode(..., "replace")``, which cannot hold
     lone surrogates, so the UTF-8 round trip of :func:`_clean_text` is skipped."""
-    if "\x00" in text:
-        text = text.replace("\x00", "")
-    return _split_text(text[:MAX_TEXT_LENGTH], vr)
+    return _split_text(_cut_text(text), vr)
 
 
 def _split_text(text: str, vr: str) -> Any:

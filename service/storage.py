@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
+from .processes import process_is_running
+
 log = logging.getLogger(__name__)
 
 INCOMING = ".incoming"
@@ -352,24 +354,7 @@ def _owned_by_other_live_process(temp: Path) -> bool:
         pid = int(temp.name.rsplit(".", 3)[-3])
     except (IndexError, ValueError):
         return False
-    if pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return not _is_zombie(pid)
-
-
-def _is_zombie(pid: int) -> bool:
-    """A killed process nobody reaped yet still answers kill(0) but stores nothing."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            return stat.read().rsplit(b")", 1)[1].split()[0] == b"Z"
-    except (OSError, IndexError):
-        return False
+    return pid != os.getpid() and process_is_running(pid)
 
 
 def sha256_file(path: Path) -> str:
