@@ -479,8 +479,11 @@ def test_bundled_lossless_files_decode_to_their_reference(compressed, reference)
     decoded = decode_frames(pydicom.dcmread(_bundled(compressed)), index=None)
     expected = decode_frames(pydicom.dcmread(_bundled(reference)), index=None)
     np.testing.assert_array_equal(decoded, expected)
-    np.testing.assert_array_equal(file_to_image(_bundled(compressed)),
-                                  file_to_image(_bundled(reference)))
+    # equal pixels; the float maths after them may round differently where the memory
+    # layout of the decoded arrays differs (seen on an AVX-512 machine: 6e-7), while one
+    # grey level is about 2e-2 after the normalisation
+    np.testing.assert_allclose(file_to_image(_bundled(compressed)),
+                               file_to_image(_bundled(reference)), rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("compressed, reference, max_error, mean_error", [

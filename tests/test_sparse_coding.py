@@ -60,7 +60,26 @@ def test_matches_sklearn_orthogonal_mp_gram(dtype, dimension, n_atoms, n_signals
     assert ours.dtype == dtype
     assert ours.shape == (n_atoms, n_signals)
     assert ((ours != 0).sum(axis=0) == n_nonzero).all()
-    assert_same_codes(ours, sklearn_codes(dictionary, signals, n_nonzero))
+    reference = sklearn_codes(dictionary, signals, n_nonzero)
+    if dtype == np.float32:
+        assert_same_codes_up_to_ties(ours, reference, dictionary, signals)
+    else:
+        assert_same_codes(ours, reference)
+
+
+def assert_same_codes_up_to_ties(ours, reference, dictionary, signals, max_tied=0.01):
+    """In float32 two atoms can tie late in a long OMP run (25 atoms in 30 dimensions), and
+    which one wins depends on the BLAS's rounding (seen on an AVX-512 machine: one signal
+    of 200).  Such a signal must be fitted as well as the reference fits it, to 0.1% of
+    its norm (both residuals are near zero there: 0.0049 and 0.0044 of a norm of 5)."""
+    differ = ((ours != 0) != (reference != 0)).any(axis=0)
+    assert differ.mean() <= max_tied
+    assert_same_codes(ours[:, ~differ], reference[:, ~differ])
+    residual = np.linalg.norm(signals[:, differ] - dictionary @ ours[:, differ], axis=0)
+    reference_residual = np.linalg.norm(
+        signals[:, differ] - dictionary @ reference[:, differ], axis=0)
+    norms = np.linalg.norm(signals[:, differ], axis=0)
+    assert (np.abs(residual - reference_residual) <= 1e-3 * norms).all()
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
