@@ -73,7 +73,7 @@ def _start_writeback(fd: int) -> None:
         _sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
 
 
-def fsync_dir(path: Path) -> None:
+def fsync_dir(path: str | Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -85,10 +85,20 @@ def fsync_dir(path: Path) -> None:
 class PendingFile:
     """An instance written and linked in place, not yet confirmed by a committed row."""
 
-    temp: Path
-    final: Path
+    # plain strings: pathlib's joins and conversions were a tenth of the listener's
+    # Python time per store (benchmarks/ingest/README.md)
+    temp_path: str
+    final_path: str
     relative: str
     replaced_existing: bool  # a file already had the final name; ours is still only in `temp`
+
+    @property
+    def temp(self) -> Path:
+        return Path(self.temp_path)
+
+    @property
+    def final(self) -> Path:
+        return Path(self.final_path)
 
 
 class FileStore:
@@ -106,29 +116,31 @@ class FileStore:
     def __init__(self, root: Path, *, spare_files: int = 16):
         self.root = Path(root).resolve()
         self.incoming = self.root / INCOMING
-        self._known_dirs: set[Path] = set()
+        self._root = str(self.root)
+        self._incoming = str(self.incoming)
+        self._known_dirs: set[str] = set()
         self._spare_target = spare_files
-        self._spare_dirs = (self.incoming / "spare-a", self.incoming / "spare-b")
+        self._spare_dirs = (f"{self._incoming}/spare-a", f"{self._incoming}/spare-b")
         self._spare_lock = threading.Lock()  # guards the two below
-        self._spares: deque[Path] = deque()  # ready, in the folder stores take from
-        self._filled: deque[Path] = deque()  # made in the other folder
+        self._spares: deque[str] = deque()  # ready, in the folder stores take from
+        self._filled: deque[str] = deque()  # made in the other folder
         self._spares_wanted = threading.Event()
         self._spare_thread: threading.Thread | None = None
         self._closing = False
 
     def prepare(self) -> None:
         self.incoming.mkdir(parents=True, exist_ok=True)
-        self._known_dirs.add(self.incoming)
+        self._known_dirs.add(self._incoming)
 
-    def _ensure_dir(self, directory: Path) -> None:
+    def _ensure_dir(self, directory: str) -> None:
         if directory in self._known_dirs:
             return
         missing = []
-        probe = directory
+        probe = Path(directory)
         while not probe.exists():
             missing.append(probe)
             probe = probe.parent
-        directory.mkdir(parents=True, exist_ok=True)
+        os.makedirs(directory, exist_ok=True)
         # make each new directory entry durable: fsync the parent of every level created
         for created in reversed(missing):
             fsync_dir(created.parent)
@@ -156,12 +168,12 @@ class FileStore:
         for path in unused:
             _unlink_quietly(path)
 
-    def _new_temp_name(self, folder: Path | None = None) -> Path:
-        return (folder or self.incoming) / f"{os.getpid()}.{secrets.token_hex(6)}.tmp"
+    def _new_temp_name(self, folder: str | None = None) -> str:
+        return f"{folder or self._incoming}/{os.getpid()}.{secrets.token_hex(6)}.tmp"
 
     def _keep_spares(self) -> None:
         for folder in self._spare_dirs:
-            folder.mkdir(exist_ok=True)
+            os.makedirs(folder, exist_ok=True)
         turn = 0
         while not self._closing:
             self._spares_wanted.clear()
@@ -193,7 +205,7 @@ class FileStore:
                 continue
             self._spares_wanted.wait(timeout=1.0)
 
-    def _open_temp(self) -> tuple[Path, int]:
+    def _open_temp(self) -> tuple[str, int]:
         with self._spare_lock:
             spare = self._spares.popleft() if self._spares else None
         if spare is not None:
@@ -205,7 +217,7 @@ class FileStore:
         temp = self._new_temp_name()
         return temp, os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
 
-    def write_temp(self, data: bytes | memoryview) -> Path:
+    def write_temp(self, data: bytes | memoryview) -> str:
         """Step 1: the bytes in a new temp file (flushed in :meth:`place`)."""
         temp, fd = self._open_temp()
         try:
@@ -221,21 +233,23 @@ class FileStore:
         os.close(fd)
         return temp
 
-    def place(self, temp: Path, relative: str) -> PendingFile:
+    def place(self, temp: str | Path, relative: str) -> PendingFile:
         """Step 2: name the temp file after its destination, link it there, flush it all.
 
         The renames and the link come before the one ``fdatasync``, so the file system
         commits its journal once for all of them instead of once per step.
         """
-        final = self.root / relative
-        named = self.incoming / f"{relative.replace('/', _SEP)}.{temp.name}"
+        temp = os.fspath(temp)
+        final = f"{self._root}/{relative}"
+        final_dir = final.rpartition("/")[0]
+        named = f"{self._incoming}/{relative.replace('/', _SEP)}.{temp.rpartition('/')[2]}"
         try:
             os.rename(temp, named)
         except BaseException:
             _unlink_quietly(temp)
             raise
         try:
-            self._ensure_dir(final.parent)
+            self._ensure_dir(final_dir)
             try:
                 os.link(named, final)
                 replaced = False
@@ -246,8 +260,8 @@ class FileStore:
                 os.fdatasync(fd)
             finally:
                 os.close(fd)
-            fsync_dir(final.parent)
-            fsync_dir(self.incoming)
+            fsync_dir(final_dir)
+            fsync_dir(self._incoming)
         except BaseException:
             self._remove_if_ours(named, final)
             _unlink_quietly(named)
@@ -258,26 +272,26 @@ class FileStore:
         """Steps 1-2 in one call."""
         return self.place(self.write_temp(data), relative)
 
-    def discard_temp(self, temp: Path) -> None:
+    def discard_temp(self, temp: str | Path) -> None:
         _unlink_quietly(temp)
 
     def finish_stored(self, pending: PendingFile) -> None:
         """Step 4 for a newly inserted row."""
         if pending.replaced_existing:
             # a file without a row had our name (left by an admin's row delete): ours wins
-            os.replace(pending.temp, pending.final)
-            fsync_dir(pending.final.parent)
+            os.replace(pending.temp_path, pending.final_path)
+            fsync_dir(pending.final_path.rpartition("/")[0])
         else:
-            os.unlink(pending.temp)
+            os.unlink(pending.temp_path)
 
     def finish_duplicate(self, pending: PendingFile) -> None:
         """The row already existed: keep the first file, forget ours."""
         if not pending.replaced_existing:
-            self._remove_if_ours(pending.temp, pending.final)
-        os.unlink(pending.temp)
+            self._remove_if_ours(pending.temp_path, pending.final_path)
+        os.unlink(pending.temp_path)
 
     @staticmethod
-    def _remove_if_ours(temp: Path, final: Path) -> None:
+    def _remove_if_ours(temp: str | Path, final: str | Path) -> None:
         try:
             same = os.path.samefile(temp, final)
         except OSError:
@@ -293,7 +307,7 @@ class FileStore:
         on_disk = list(self.incoming.glob("spare-*/*.tmp"))
         with self._spare_lock:
             ready = {*self._spares, *self._filled}
-        spares = [p for p in on_disk if p not in ready]
+        spares = [p for p in on_disk if str(p) not in ready]
         return sorted([*self.incoming.glob("*.tmp"), *spares])
 
     def resolve_pending(
@@ -318,7 +332,7 @@ class FileStore:
             row_hash = hashes.get(relative) if relative else None
             if final is not None and row_hash is not None and sha256_file(temp) == row_hash:
                 if not final.exists():
-                    self._ensure_dir(final.parent)
+                    self._ensure_dir(str(final.parent))
                     os.link(temp, final)
                     fsync_dir(final.parent)
                 elif not os.path.samefile(temp, final) and sha256_file(final) != row_hash:
@@ -365,7 +379,7 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _unlink_quietly(path: Path) -> None:
+def _unlink_quietly(path: str | Path) -> None:
     try:
         os.unlink(path)
     except OSError as exc:

@@ -66,7 +66,7 @@ def test_spare_temp_files_are_used_and_removed_at_close(tmp_path):
     assert len(ready) >= 4
     assert store.pending_temps() == []  # spares are not unfinished stores
     temp = store.write_temp(b"payload")
-    assert temp in ready  # no file was created on the store's path
+    assert Path(temp) in ready  # no file was created on the store's path
     pending = store.place(temp, "ab/1/2/3.dcm")
     store.finish_stored(pending)
     assert pending.final.read_bytes() == b"payload"
