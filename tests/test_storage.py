@@ -181,3 +181,80 @@ def test_temp_of_a_killed_but_unreaped_process_is_settled(tmp_path, engine):
         assert not temp.exists()
     finally:
         os.waitpid(pid, 0)
+
+
+def _flags(path) -> int:
+    import array
+    import fcntl
+
+    from service import storage
+
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        flags = array.array("i", [0])
+        fcntl.ioctl(fd, storage._FS_IOC_GETFLAGS, flags, True)
+        return flags[0]
+    finally:
+        os.close(fd)
+
+
+def test_the_incoming_folder_is_a_top_folder_where_the_file_system_has_them(tmp_path):
+    from service import storage
+
+    store = FileStore(tmp_path)
+    store.prepare()
+    try:
+        flags = _flags(store.incoming)
+    except OSError:
+        pytest.skip("this file system has no inode flags")
+    if not storage.mark_top_directory(store.incoming):
+        pytest.skip("this file system refuses the top-folder flag")
+    assert flags & storage._FS_TOPDIR_FL
+
+
+def _spare_folders(store: FileStore) -> set[str]:
+    return {p.name for p in store.incoming.glob("spare-*")}
+
+
+def test_spare_folders_are_the_processs_own_and_stale_ones_go_at_start_up(tmp_path):
+    store = FileStore(tmp_path, spare_files=2)
+    store.prepare()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    stale = store.incoming / f"spare-{dead}.0badf00d.a"
+    stale.mkdir()
+    (stale / f"{dead}.0123456789ab.tmp").touch()
+    alive = store.incoming / f"spare-{os.getppid()}.0badf00d.a"  # pytest's parent lives
+    alive.mkdir()
+    store.start_spares()
+    deadline = time.monotonic() + 10
+    while len(_spare_folders(store)) < 4 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert store.resolve_pending(lambda paths: {}) == {"kept": 0, "removed": 1}
+    own = {f"spare-{os.getpid()}."}
+    assert {name[:len(next(iter(own)))] for name in _spare_folders(store) - {alive.name}} == own
+    assert alive.exists() and not stale.exists()
+    store.close()
+    assert _spare_folders(store) == {alive.name}
+
+
+def test_spare_folders_move_when_making_files_in_them_is_slow(tmp_path):
+    # every fill counts as slow: the thread moves on to new folders each time
+    store = FileStore(tmp_path, spare_files=2, slow_create_seconds=0.0)
+    store.prepare()
+    store.start_spares()
+    seen: set[str] = set()
+    for index in range(12):
+        temp = store.write_temp(b"payload %d" % index)
+        seen.add(Path(temp).parent.name)
+        store.finish_stored(store.place(temp, f"ab/1/2/{index}.dcm"))
+    assert len(seen) > 2  # stores took spares from more than one pair of folders
+    assert store.pending_temps() == []
+    deadline = time.monotonic() + 10
+    while len(_spare_folders(store)) > 4 and time.monotonic() < deadline:
+        time.sleep(0.01)  # emptied old folders are removed by the spare thread
+    assert len(_spare_folders(store)) <= 4
+    store.close()
+    assert _spare_folders(store) == set()
+    assert sorted(p.name for p in (tmp_path / "ab/1/2").iterdir()) == sorted(
+        f"{i}.dcm" for i in range(12))
