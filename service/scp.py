@@ -194,11 +194,25 @@ def _stop_children(children: list) -> None:
             child.kill()
 
 
+def _wait_until_ready(child: Any, ready: Any, stop: threading.Event) -> bool:
+    """Whether ``child`` said it is ready (False: it died first, or ``stop`` was set)."""
+    while not ready.wait(0.2):
+        if not child.is_alive():
+            log.error("a child process died while starting", extra={"process": child.name})
+            return False
+        if stop.is_set():
+            return False
+    return True
+
+
 def serve_forever(settings: Settings, database_url: str, ingestor: Ingestor,
                   stop: threading.Event) -> None:
     """Run the listener until ``stop`` is set: in-process, or in N child processes.
 
-    The tags worker, when enabled, runs in a child process of its own either way.
+    The tags worker, when enabled, runs in a child process of its own either way, and is
+    started first: the port opens once the whole service is up, so the first stores do
+    not share the CPU with the worker's start (a second of imports, which took an eighth
+    of the CPU of the benchmark's first seconds: benchmarks/ingest/README.md).
     """
     context = multiprocessing.get_context("spawn")
     children: list = []
@@ -208,6 +222,9 @@ def serve_forever(settings: Settings, database_url: str, ingestor: Ingestor,
                                  name="pacs-tags-worker", daemon=False)
         worker.start()
         children.append((worker, ready))
+        if not _wait_until_ready(worker, ready, stop):
+            _stop_children(children)
+            return
     if settings.processes <= 1:
         server = start_listener(settings, ingestor)
         log.info("listening", extra={"ae_title": settings.ae_title, "port": server.port,
@@ -223,10 +240,8 @@ def serve_forever(settings: Settings, database_url: str, ingestor: Ingestor,
         child.start()
         children.append((child, ready))
     for child, ready in children:
-        while not ready.wait(0.2):
-            if not child.is_alive():
-                stop.set()
-                break
+        if not _wait_until_ready(child, ready, stop):
+            stop.set()
     log.info("listening", extra={"ae_title": settings.ae_title, "port": settings.port,
                                  "address": settings.bind_address,
                                  "processes": settings.processes})
