@@ -163,22 +163,21 @@ def test_database_password_is_never_printed(tmp_path):
 
 
 def test_serve_parses_tags_in_a_lower_priority_process(tmp_path):
+    import psutil
+
     data_dir = tmp_path / "data"
     port = _free_port()
     server = Serve(data_dir, port, "--processes", "1")
     try:
+        # the port opens only once the worker has started (it lowers its priority first):
+        # its start-up must not share the CPU with the first stores
+        workers = [p for p in psutil.Process(server.process.pid).children()
+                   if p.nice() > psutil.Process().nice()]
+        assert len(workers) == 1
         assoc = associate(port, called="PACS_ANNOTATE")
         assert assoc.send_c_store(make_ct()).Status == 0x0000
         assoc.release()
-        import psutil
-
         deadline = time.monotonic() + 20
-        workers: list = []
-        while not workers and time.monotonic() < deadline:
-            workers = [p for p in psutil.Process(server.process.pid).children()
-                       if p.nice() > psutil.Process().nice()]
-            time.sleep(0.1)
-        assert len(workers) == 1
         while time.monotonic() < deadline:
             counts = _status(data_dir)["queue"].get("tags", {})
             if counts.get("done") == 1:
