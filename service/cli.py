@@ -76,8 +76,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _vocabulary(settings)  # a broken site vocabulary stops the start, not the worker later
     with _database(settings) as database:
         stop = _stop_on_signals()
-        # start() settles what a previous run left unfinished
-        with ingestor_for(settings, database.engine) as ingestor:
+        # start() settles what a previous run left unfinished; with several listener
+        # processes this one only does that, and the children store
+        with ingestor_for(settings, database.engine,
+                          stores=settings.processes <= 1) as ingestor:
             serve_forever(settings, database.url, ingestor, stop)
     log.info("stopped")
     return 0

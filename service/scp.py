@@ -21,12 +21,15 @@ from .ingest import Ingestor
 log = logging.getLogger(__name__)
 
 
-def ingestor_for(settings: Settings, engine: Any) -> Ingestor:
+def ingestor_for(settings: Settings, engine: Any, *, stores: bool = True) -> Ingestor:
     """The ingest path as configured (storage, queue stages, batch size); call ``start()``
-    or use it as a context manager."""
+    or use it as a context manager.  ``stores=False``: only to settle what earlier runs
+    left (no spare temp files are made ahead)."""
     from .storage import FileStore
 
-    return Ingestor(engine, FileStore(settings.storage_path), stages=settings.queue_stages,
+    store = FileStore(settings.storage_path) if stores else FileStore(settings.storage_path,
+                                                                      spare_files=0)
+    return Ingestor(engine, store, stages=settings.queue_stages,
                     batch_max=settings.commit_batch_max)
 
 

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from .conftest import REPO_ROOT, SHARED_DICOM
@@ -73,8 +74,22 @@ def test_data_survives_restart_of_service_and_embedded_database(tmp_path, proces
         assoc = associate(port, called="PACS_ANNOTATE")
         assert assoc.send_c_store(ds).Status == 0x0000
         assoc.release()
+        # spare temp files are made by the processes that store, and only by them
+        serving = psutil.Process(server.process.pid)
+        storing = {serving.pid} if processes == "1" else {
+            p.pid for p in serving.children() if p.nice() == serving.nice()
+            and "spawn_main" in " ".join(p.cmdline())}  # not the tags worker, not PostgreSQL
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            spare_owners = {int(p.name.split("-")[1].split(".")[0])
+                            for p in (data_dir / "storage" / ".incoming").glob("spare-*")}
+            if spare_owners == storing:
+                break
+            time.sleep(0.1)
+        assert spare_owners == storing
     finally:
         assert server.stop() == 0
+    assert not list((data_dir / "storage" / ".incoming").glob("spare-*"))
     # the embedded PostgreSQL stopped with the service
     assert not (data_dir / "pgdata" / "postmaster.pid").exists()
     server = Serve(data_dir, port, "--processes", processes)
@@ -163,8 +178,6 @@ def test_database_password_is_never_printed(tmp_path):
 
 
 def test_serve_parses_tags_in_a_lower_priority_process(tmp_path):
-    import psutil
-
     data_dir = tmp_path / "data"
     port = _free_port()
     server = Serve(data_dir, port, "--processes", "1")
