@@ -25,10 +25,9 @@ def ingestor_for(settings: Settings, engine: Any, *, stores: bool = True) -> Ing
     """The ingest path as configured (storage, queue stages, batch size); call ``start()``
     or use it as a context manager.  ``stores=False``: only to settle what earlier runs
     left (no spare temp files are made ahead)."""
-    from .storage import FileStore
+    from .storage import SPARE_FILES, FileStore
 
-    store = FileStore(settings.storage_path) if stores else FileStore(settings.storage_path,
-                                                                      spare_files=0)
+    store = FileStore(settings.storage_path, spare_files=SPARE_FILES if stores else 0)
     return Ingestor(engine, store, stages=settings.queue_stages,
                     batch_max=settings.commit_batch_max)
 

@@ -40,6 +40,7 @@ from .processes import process_is_running
 log = logging.getLogger(__name__)
 
 INCOMING = ".incoming"
+SPARE_FILES = 16  # per folder, made ahead by each storing process
 SPARE_PREFIX = "spare-"  # spare-<pid>.<nonce>.<a|b>: a process's folders of spare temp files
 _SEP = "+"  # stands for "/" in a temp file's name; never occurs in a relative path
 
@@ -158,7 +159,7 @@ class FileStore:
     making a file in them takes more than ``slow_create_seconds`` of CPU time.
     """
 
-    def __init__(self, root: Path, *, spare_files: int = 16,
+    def __init__(self, root: Path, *, spare_files: int = SPARE_FILES,
                  slow_create_seconds: float = 150e-6):
         self.root = Path(root).resolve()
         self.incoming = self.root / INCOMING
@@ -432,8 +433,7 @@ class FileStore:
     def _remove_stale_spare_dirs(self) -> None:
         """Empty spare folders of processes that are gone (their files went as temps)."""
         for folder in self.incoming.glob(f"{SPARE_PREFIX}*"):
-            pid = folder.name[len(SPARE_PREFIX):].split(".", 1)[0]
-            if pid.isdigit() and int(pid) != os.getpid() and process_is_running(int(pid)):
+            if _is_other_live_process(folder.name[len(SPARE_PREFIX):].split(".", 1)[0]):
                 continue
             if str(folder) not in self._spare_dirs:
                 _rmdir_quietly(folder)
@@ -450,12 +450,14 @@ def _destination(temp: Path) -> str | None:
     return relative
 
 
+def _is_other_live_process(pid: str) -> bool:
+    """Whether ``pid``, as a file or folder name carries it, is another running process."""
+    return pid.isdigit() and int(pid) != os.getpid() and process_is_running(int(pid))
+
+
 def _owned_by_other_live_process(temp: Path) -> bool:
-    try:
-        pid = int(temp.name.rsplit(".", 3)[-3])
-    except (IndexError, ValueError):
-        return False
-    return pid != os.getpid() and process_is_running(pid)
+    parts = temp.name.rsplit(".", 3)  # [<encoded path>.]<pid>.<nonce>.tmp
+    return len(parts) >= 3 and _is_other_live_process(parts[-3])
 
 
 def sha256_file(path: Path) -> str:
