@@ -154,6 +154,26 @@ ingest_stats = Table(
     _ts("updated_at", nullable=False, server_default=NOW),
 )
 
+# One row per defect the receiver tolerated (0009); instances without one write none.
+tolerated_defects = Table(
+    "tolerated_defects",
+    metadata,
+    Column("id", BigInteger, Identity(), primary_key=True),
+    Column(
+        "sop_instance_uid",
+        Text,
+        ForeignKey("instances.sop_instance_uid", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    Column("rule", Text, nullable=False),
+    Column("detail", Text, nullable=False),
+    Column("calling_ae_title", Text),
+    Column("called_ae_title", Text),
+    _ts("received_at", nullable=False, server_default=NOW),
+    Index("ix_tolerated_defects_sop_instance_uid", "sop_instance_uid"),
+    Index("ix_tolerated_defects_rule", "rule"),
+)
+
 
 def _feature_columns() -> list[Column]:
     from parsers import FEATURE_COLUMNS
