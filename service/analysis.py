@@ -226,6 +226,10 @@ def _analyse(conn: sa.Connection, run_id: int, *, top: int, unique_ratio: float,
     conn.execute(sa.text("CREATE TEMP TABLE _tag_value_parts (key text, value jsonb, n bigint) "
                          "ON COMMIT DROP"))
     step = math.ceil(pages / chunks) if pages else 0
+    from tqdm import tqdm
+
+    bar = tqdm(total=chunks, desc=f"analyze: counting tag values of {instances:,} instances",
+               unit="chunk", file=progress, disable=progress is None, dynamic_ncols=True)
     for index in range(chunks):
         if chunks == 1:
             where = ""
@@ -235,9 +239,8 @@ def _analyse(conn: sa.Connection, run_id: int, *, top: int, unique_ratio: float,
             where = (f"WHERE i.ctid >= '({index * step},0)'::tid "
                      f"AND i.ctid < '({(index + 1) * step},0)'::tid")
         conn.execute(sa.text(_COUNT_PART.format(empty=_EMPTY, where=where)))
-        _progress_line(progress, f"\ranalyze: counting tag values of {instances:,} instances: "
-                       f"{100 * (index + 1) // chunks}% ({elapsed()})", end="")
-    _progress_line(progress, "")
+        bar.update()
+    bar.close()
     if chunks > 1:  # a value seen in several chunks has one partial count per chunk
         conn.execute(sa.text("CREATE TEMP TABLE _tag_values ON COMMIT DROP AS "
                              "SELECT key, value, sum(n)::bigint AS n FROM _tag_value_parts "
