@@ -8,11 +8,13 @@ categorical tags are normalised to a canonical vocabulary).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -61,6 +63,21 @@ class Vocabulary:
     aliases: Mapping[str, Mapping[str, str]]
     prefixes: Mapping[str, tuple[tuple[str, str], ...]]
     inference: tuple[InferenceRule, ...]
+
+    @cached_property
+    def version(self) -> str:
+        """16 hex digits of the SHA-256 of the content (aliases, prefixes in the order they
+        are tried, inference rules in order): equal for equal vocabularies however they were
+        written, different after any change of a spelling, code, prefix or rule. Stored with
+        every parsed row (``instance_features.vocabulary_version``) so ``reparse`` finds the
+        rows an older vocabulary parsed."""
+        content = {
+            "aliases": {k: dict(sorted(v.items())) for k, v in sorted(self.aliases.items())},
+            "prefixes": {k: [list(p) for p in v] for k, v in sorted(self.prefixes.items())},
+            "inference": [[r.pattern.pattern, r.pattern.flags, r.code] for r in self.inference],
+        }
+        text = json.dumps(content, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
     def lookup(self, keyword: str, text: str) -> str | None:
         """The canonical code for one spelling of ``keyword``, or None if unknown."""

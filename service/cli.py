@@ -291,8 +291,9 @@ def cmd_reparse(args: argparse.Namespace) -> int:
     vocabulary = _vocabulary(settings)
     with _database(settings) as database:
         done = reparse(database.engine, vocabulary=vocabulary, chunk=args.chunk,
-                       progress=None if args.quiet else sys.stderr)
-    print(f"{done} instances parsed with parser version {PARSER_VERSION}")
+                       progress=None if args.quiet else sys.stderr, everything=args.all)
+    print(f"{done} instances parsed with parser version {PARSER_VERSION}, "
+          f"vocabulary {vocabulary.version}")
     return 0
 
 
@@ -539,6 +540,9 @@ def build_parser() -> argparse.ArgumentParser:
                              help="re-parse the archive's tags after a parser or vocabulary "
                                   "change (resumable)")
     reparse.add_argument("--chunk", type=int, default=1000)
+    reparse.add_argument("--all", action="store_true",
+                         help="re-parse every instance, not only those of another parser or "
+                              "vocabulary version")
     reparse.add_argument("--quiet", action="store_true", help="no progress line")
     reparse.set_defaults(func=cmd_reparse)
 

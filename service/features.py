@@ -17,6 +17,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from parsers import FEATURE_COLUMNS, PARSER_VERSION, Vocabulary, parse_instance
+from parsers.registry import default_vocabulary
 
 from . import work_queue
 from .tag_clusters import ActiveModelCache, assign_new_instances, assign_unassigned
@@ -32,16 +33,16 @@ def _sql_type(kind: str) -> str:
 
 _NAMES = [c.name for c in FEATURE_COLUMNS]
 _UPSERT = sa.text(
-    "INSERT INTO instance_features (sop_instance_uid, parser_version, parsed_at, "
-    + ", ".join(f'"{n}"' for n in _NAMES) + ", parse_failures) "
-    "SELECT r.sop_instance_uid, r.parser_version, now(), "
+    "INSERT INTO instance_features (sop_instance_uid, parser_version, vocabulary_version, "
+    "parsed_at, " + ", ".join(f'"{n}"' for n in _NAMES) + ", parse_failures) "
+    "SELECT r.sop_instance_uid, r.parser_version, r.vocabulary_version, now(), "
     + ", ".join(f'r."{n}"' for n in _NAMES) + ", r.parse_failures "
     "FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS r(sop_instance_uid text, "
-    "parser_version text, "
+    "parser_version text, vocabulary_version text, "
     + ", ".join(f'"{c.name}" {_sql_type(c.kind)}' for c in FEATURE_COLUMNS)
     + ", parse_failures jsonb) "
     "ON CONFLICT (sop_instance_uid) DO UPDATE SET parser_version = EXCLUDED.parser_version, "
-    "parsed_at = EXCLUDED.parsed_at, "
+    "vocabulary_version = EXCLUDED.vocabulary_version, parsed_at = EXCLUDED.parsed_at, "
     + ", ".join(f'"{n}" = EXCLUDED."{n}"' for n in _NAMES)
     + ", parse_failures = EXCLUDED.parse_failures"
 )
@@ -49,30 +50,38 @@ _TAGS = sa.text(
     "SELECT sop_instance_uid, tags FROM instances "
     "WHERE sop_instance_uid = ANY(CAST(:uids AS text[]))"
 )
+# a row is stale when it is missing or another parser or vocabulary version made it;
+# with :everything every instance is (``reparse --all``)
+_STALE_ROW = ("(:everything OR f.parser_version IS DISTINCT FROM :version "
+              "OR f.vocabulary_version IS DISTINCT FROM :vocabulary)")
 _STALE = sa.text(
-    """
+    f"""
     SELECT i.sop_instance_uid, i.tags FROM instances i
     LEFT JOIN instance_features f USING (sop_instance_uid)
-    WHERE f.parser_version IS DISTINCT FROM :version AND i.sop_instance_uid > :after
+    WHERE {_STALE_ROW} AND i.sop_instance_uid > :after
     ORDER BY i.sop_instance_uid LIMIT :limit
     """
 )
 _COUNT_STALE = sa.text(
-    """
+    f"""
     SELECT count(*) FROM instances i LEFT JOIN instance_features f USING (sop_instance_uid)
-    WHERE f.parser_version IS DISTINCT FROM :version
+    WHERE {_STALE_ROW}
     """
 )
 
 
 def feature_rows(items: Iterable[tuple[str, dict[str, Any]]],
                  vocabulary: Vocabulary | None) -> list[dict[str, Any]]:
+    """Parsed rows for ``instance_features``, each with the parser and vocabulary versions
+    that made it."""
+    vocabulary = vocabulary or default_vocabulary()
     rows = []
     for sop_instance_uid, tags in items:
         result = parse_instance(tags or {}, vocabulary)
         row: dict[str, Any] = dict(result.features)
         row["sop_instance_uid"] = sop_instance_uid
         row["parser_version"] = PARSER_VERSION
+        row["vocabulary_version"] = vocabulary.version
         row["parse_failures"] = [
             {"keyword": f.keyword, "column": f.column, "raw": f.raw, "reason": f.reason}
             for f in result.failures
@@ -201,19 +210,23 @@ class TagsWorker:
 
 
 def reparse(engine: Engine, *, vocabulary: Vocabulary | None = None, chunk: int = 1000,
-            progress: TextIO | None = sys.stderr) -> int:
-    """Re-parse every instance whose features are missing or from another parser version.
+            progress: TextIO | None = sys.stderr, everything: bool = False) -> int:
+    """Re-parse every instance whose features are missing, or were made by another parser
+    version (``PARSER_VERSION``) or another vocabulary (``Vocabulary.version``, a hash of its
+    content: a site vocabulary edit counts); ``everything`` re-parses all instances.
 
-    Resumable: an interrupted run leaves the finished chunks at the current version and the
-    next run starts with what is left.
+    Resumable: an interrupted run leaves the finished chunks at the current versions and the
+    next run starts with what is left (``everything`` walks the whole archive again).
     """
+    vocabulary = vocabulary or default_vocabulary()
+    versions = {"version": PARSER_VERSION, "vocabulary": vocabulary.version,
+                "everything": everything}
     with engine.connect() as conn:
-        total = conn.execute(_COUNT_STALE, {"version": PARSER_VERSION}).scalar() or 0
+        total = conn.execute(_COUNT_STALE, versions).scalar() or 0
     done, after, started = 0, "", time.monotonic()
     while True:
         with engine.begin() as conn:
-            items = conn.execute(_STALE, {"version": PARSER_VERSION, "after": after,
-                                          "limit": chunk}).all()
+            items = conn.execute(_STALE, {**versions, "after": after, "limit": chunk}).all()
             if not items:
                 break
             write_features(conn, feature_rows(items, vocabulary))

@@ -194,6 +194,7 @@ instance_features = Table(
     _ts("parsed_at", nullable=False, server_default=NOW),
     *_feature_columns(),
     Column("parse_failures", JSONB, nullable=False, server_default="[]"),
+    Column("vocabulary_version", Text),  # 0010: parsers.Vocabulary.version of the parse
     *[Index(f"ix_instance_features_{c}", c) for c in
       ("modality", "body_part", "body_part_inferred", "plane", "manufacturer", "parser_version")],
 )
@@ -266,6 +267,7 @@ tag_cluster_runs = Table(
     Column("sample", JSONB),
     Column("timings", JSONB, nullable=False, server_default="{}"),
     Column("error", Text),
+    Column("outlier_distance", Float),  # 0010
     CheckConstraint("status IN ('fitting', 'assigning', 'matching', 'finished', 'failed')",
                     name="ck_tag_cluster_runs_status"),
     CheckConstraint("NOT is_active OR status = 'finished'",
@@ -288,6 +290,7 @@ tag_cluster_medoids = Table(
     Column("instances", BigInteger),
     Column("mean_distance", Float),
     Column("previous_overlap", BigInteger),
+    Column("outliers", BigInteger),  # 0010
     UniqueConstraint("run_id", "label", name="uq_tag_cluster_medoids_label"),
 )
 
@@ -372,4 +375,14 @@ image_annotations = Table(
     Column("retrieval_code", Vector(), nullable=False),
     _ts("annotated_at", nullable=False, server_default=NOW),
     Index("ix_image_annotations_model_cluster", "model_id", "image_cluster"),
+)
+
+# ---------------------------------------------------------------- image backbones (0010)
+
+image_backbones = Table(
+    "image_backbones",
+    metadata,
+    Column("model_version", Text, primary_key=True),
+    Column("weights_path", Text, nullable=False),
+    _ts("recorded_at", nullable=False, server_default=NOW),
 )

@@ -98,3 +98,42 @@ def test_feature_table_has_one_column_per_parsed_feature(engine):
     inspector = sa.inspect(engine)
     columns = {c["name"] for c in inspector.get_columns("instance_features")}
     assert {c.name for c in FEATURE_COLUMNS} <= columns
+
+
+def test_reparse_follows_a_vocabulary_change_and_all_forces(engine, tmp_path):
+    from parsers import load_vocabulary
+
+    ds = make_ct()
+    ds.Manufacturer = "TOSHIBA"
+    ingest_datasets(engine, tmp_path / "storage", [ds, make_ct()])
+    assert features.reparse(engine, progress=None) == 2
+    assert features.reparse(engine, progress=None) == 0
+    site = tmp_path / "vocabulary.toml"
+    site.write_text('[aliases.Manufacturer]\nTOSHIBA = "CANON"\n', encoding="utf-8")
+    # only the vocabulary changed: every row was parsed with the old one, so all are redone
+    assert features.reparse(engine, vocabulary=load_vocabulary(site), progress=None) == 2
+    assert features.reparse(engine, vocabulary=load_vocabulary(site), progress=None) == 0
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text(
+            "SELECT sop_instance_uid, manufacturer, parser_version, vocabulary_version "
+            "FROM instance_features")).all()
+    assert {r.manufacturer for r in rows if r.sop_instance_uid == ds.SOPInstanceUID} == {"CANON"}
+    assert {(r.parser_version, r.vocabulary_version) for r in rows} == {
+        (PARSER_VERSION, load_vocabulary(site).version)}
+    # back to the shipped vocabulary: its version differs again
+    assert load_vocabulary().version != load_vocabulary(site).version
+    assert features.reparse(engine, progress=None) == 2
+    assert features.reparse(engine, progress=None, everything=True) == 2
+
+
+def test_vocabulary_version_is_a_hash_of_its_content(tmp_path):
+    from parsers import load_vocabulary
+
+    assert load_vocabulary().version == load_vocabulary().version
+    same = tmp_path / "same.toml"
+    same.write_text("# nothing added\n", encoding="utf-8")
+    assert load_vocabulary(same).version == load_vocabulary().version
+    rule = tmp_path / "rule.toml"
+    rule.write_text('[[body_part_inference]]\npattern = "\\\\bTHUMB\\\\b"\ncode = "HAND"\n',
+                    encoding="utf-8")
+    assert load_vocabulary(rule).version != load_vocabulary().version
