@@ -157,7 +157,8 @@ def _check_cutoffs(cutoffs: Sequence[int], depth: int) -> np.ndarray:
 
 
 def _check_ranking(ranked_indices: np.ndarray, n_database: int,
-                   query_indices: np.ndarray | None) -> np.ndarray:
+                   query_indices: np.ndarray | None,
+                   excluded: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     ranked = np.asarray(ranked_indices)
     if ranked.ndim != 2 or not np.issubdtype(ranked.dtype, np.integer):
         raise ValueError(f"ranked_indices must be a 2-D integer array, got {ranked.dtype} "
@@ -169,7 +170,47 @@ def _check_ranking(ranked_indices: np.ndarray, n_database: int,
         raise ValueError("a ranking lists the same database item twice")
     if query_indices is not None and np.any(ranked == query_indices[:, None]):
         raise ValueError("a ranking contains its own query (query_indices)")
+    if excluded is not None and excluded[0].size and ranked.size:
+        ranked_keys = (np.arange(ranked.shape[0])[:, None] * n_database + ranked).ravel()
+        if np.isin(excluded[0] * n_database + excluded[1], ranked_keys).any():
+            raise ValueError("a ranking contains an item excluded for its query (excluded)")
     return ranked
+
+
+def _check_excluded(excluded, n_queries: int,
+                    n_database: int) -> tuple[np.ndarray, np.ndarray] | None:
+    if excluded is None:
+        return None
+    try:
+        query_rows, database_rows = (np.asarray(part) for part in excluded)
+    except (TypeError, ValueError):
+        raise ValueError("excluded must be a pair (query_rows, database_rows) of int arrays")
+    if (query_rows.ndim != 1 or query_rows.shape != database_rows.shape
+            or (query_rows.size and not (np.issubdtype(query_rows.dtype, np.integer)
+                                         and np.issubdtype(database_rows.dtype, np.integer)))):
+        raise ValueError("excluded must be a pair (query_rows, database_rows) of equally long "
+                         "1-D int arrays")
+    query_rows = query_rows.astype(np.int64)
+    database_rows = database_rows.astype(np.int64)
+    if query_rows.size and (query_rows.min() < 0 or query_rows.max() >= n_queries
+                            or database_rows.min() < 0 or database_rows.max() >= n_database):
+        raise ValueError(f"excluded rows must lie in [0, {n_queries}) x [0, {n_database})")
+    keys = np.unique(query_rows * n_database + database_rows)  # a pair listed twice is one
+    return keys // n_database, keys % n_database
+
+
+def _left_out(query_indices: np.ndarray | None, excluded: tuple[np.ndarray, np.ndarray] | None,
+              n_database: int) -> tuple[np.ndarray, np.ndarray]:
+    # (query, database item) pairs that are not candidates: the query itself (leave-one-out)
+    # and the excluded pairs (e.g. the query's own study), each pair once.
+    parts = [] if excluded is None else [excluded[0] * n_database + excluded[1]]
+    if query_indices is not None:
+        parts.append(np.arange(query_indices.size, dtype=np.int64) * n_database
+                     + query_indices.astype(np.int64))
+    if not parts:
+        return np.empty(0, np.int64), np.empty(0, np.int64)
+    keys = np.unique(np.concatenate(parts))
+    return keys // n_database, keys % n_database
 
 
 def _check_query_indices(query_indices: np.ndarray | None, query_labels: np.ndarray,
@@ -267,7 +308,8 @@ def _jaccard(query_labels: np.ndarray, profiles: np.ndarray) -> np.ndarray:
 
 
 def count_relevant(query_labels: np.ndarray, database_labels: np.ndarray, *,
-                   query_indices: np.ndarray | None = None) -> np.ndarray:
+                   query_indices: np.ndarray | None = None,
+                   excluded: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """R, the number of database items relevant to each query (denominator of R@N).
 
     Parameters
@@ -277,6 +319,9 @@ def count_relevant(query_labels: np.ndarray, database_labels: np.ndarray, *,
     query_indices : ndarray of shape (n_queries,), int, optional
         When the queries are themselves database items (leave-one-out), their database rows;
         each query is then not counted as relevant to itself.
+    excluded : pair of int arrays (query_rows, database_rows), optional
+        Database items that are not candidates for a query (e.g. images of the query's own
+        study, left out of its ranking); they are not counted for that query.
 
     Returns
     -------
@@ -286,19 +331,23 @@ def count_relevant(query_labels: np.ndarray, database_labels: np.ndarray, *,
     database_labels = _check_labels(database_labels, "database_labels",
                                     n_labels=query_labels.shape[1])
     query_indices = _check_query_indices(query_indices, query_labels, database_labels)
+    excluded = _check_excluded(excluded, query_labels.shape[0], database_labels.shape[0])
     profiles, _, profile_size = _label_profiles(database_labels)
     profiles_t = profiles.T.astype(np.int64)
     relevant = np.empty(query_labels.shape[0], dtype=np.int64)
     for rows in _query_blocks(query_labels.shape[0], profiles.shape[0]):
         shares = (query_labels[rows].astype(np.int64) @ profiles_t) > 0      # (block, u)
         relevant[rows] = shares.astype(np.int64) @ profile_size.astype(np.int64)
-    if query_indices is not None:
-        relevant -= query_labels.any(axis=1)  # an item with a label is relevant to itself
+    pair_query, pair_item = _left_out(query_indices, excluded, database_labels.shape[0])
+    if pair_query.size:
+        shares = np.any(query_labels[pair_query] & database_labels[pair_item], axis=1)
+        np.subtract.at(relevant, pair_query, shares.astype(np.int64))
     return relevant
 
 
 def ideal_gains(query_labels: np.ndarray, database_labels: np.ndarray, depth: int, *,
-                query_indices: np.ndarray | None = None) -> np.ndarray:
+                query_indices: np.ndarray | None = None,
+                excluded: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """The best ``depth`` gains any ranking of the database can reach, per query (IDCG).
 
     All database items' overlap gains with the query, sorted in decreasing order and cut at
@@ -311,6 +360,8 @@ def ideal_gains(query_labels: np.ndarray, database_labels: np.ndarray, depth: in
     depth : int -- the largest nDCG cut-off needed
     query_indices : ndarray of shape (n_queries,), int, optional
         As in :func:`count_relevant`: the query's own row is left out of the ideal list.
+    excluded : pair of int arrays (query_rows, database_rows), optional
+        As in :func:`count_relevant`: those items are left out of that query's ideal list.
 
     Returns
     -------
@@ -322,26 +373,28 @@ def ideal_gains(query_labels: np.ndarray, database_labels: np.ndarray, depth: in
     query_indices = _check_query_indices(query_indices, query_labels, database_labels)
     if depth < 1:
         raise ValueError(f"depth must be >= 1, got {depth}")
+    excluded = _check_excluded(excluded, query_labels.shape[0], database_labels.shape[0])
     profiles, profile_of_item, profile_size = _label_profiles(database_labels)
-    own_profile = None if query_indices is None else profile_of_item[query_indices]
+    pair_query, pair_item = _left_out(query_indices, excluded, database_labels.shape[0])
+    pair_profile = profile_of_item[pair_item]
     best = np.zeros((query_labels.shape[0], depth))
     if profiles.shape[0] == 0:
         return best  # an empty database: nothing to gain
     for rows in _query_blocks(query_labels.shape[0], profiles.shape[0]):
+        inside = (pair_query >= rows.start) & (pair_query < rows.stop)
         best[rows] = _ideal_gains_block(
             query_labels[rows], profiles, profile_size, depth,
-            None if own_profile is None else own_profile[rows])
+            (pair_query[inside] - rows.start, pair_profile[inside]))
     return best
 
 
 def _ideal_gains_block(query_labels: np.ndarray, profiles: np.ndarray,
                        profile_size: np.ndarray, depth: int,
-                       own_profile: np.ndarray | None) -> np.ndarray:
+                       left_out: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
     n_queries, n_profiles = query_labels.shape[0], profiles.shape[0]
     gains = _jaccard(query_labels, profiles)                               # (q, u)
     counts = np.broadcast_to(profile_size, gains.shape).copy()
-    if own_profile is not None:
-        counts[np.arange(n_queries), own_profile] -= 1
+    np.subtract.at(counts, left_out, 1)  # the query itself, excluded items
     # A profile left without items (the query's own, alone) must not take a top place.
     gains[counts == 0] = -np.inf
     # Every remaining profile holds >= 1 item, so the best `depth` items lie in the best
@@ -672,6 +725,7 @@ def evaluate_rankings(
     ndcg_cutoffs: Sequence[int] = DEFAULT_NDCG_CUTOFFS,
     cluster_labels: np.ndarray | None = None,
     query_indices: np.ndarray | None = None,
+    excluded: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> dict[str, float]:
     """One row of the paper's Table 1 (and Table 4): macro averages over queries.
 
@@ -689,6 +743,10 @@ def evaluate_rankings(
         Database rows of the queries when they come from the database (leave-one-out);
         they are then excluded from R and from the ideal nDCG list, and must not appear
         in their own ranking.
+    excluded : pair of int arrays (query_rows, database_rows), optional
+        Database items that were no candidates for a query (e.g. images of the query's own
+        study or patient): left out of that query's R and ideal nDCG list; they must not
+        appear in its ranking.
 
     Returns
     -------
@@ -701,13 +759,15 @@ def evaluate_rankings(
     database_labels = _check_labels(database_labels, "database_labels",
                                     n_labels=query_labels.shape[1])
     query_indices = _check_query_indices(query_indices, query_labels, database_labels)
-    ranked = _check_ranking(ranked_indices, database_labels.shape[0], query_indices)
+    excluded = _check_excluded(excluded, query_labels.shape[0], database_labels.shape[0])
+    ranked = _check_ranking(ranked_indices, database_labels.shape[0], query_indices, excluded)
     if ranked.shape[0] != query_labels.shape[0]:
         raise ValueError(f"ranked_indices has {ranked.shape[0]} rows for "
                          f"{query_labels.shape[0]} queries")
     retrieved_labels = database_labels[ranked]
     relevance = binary_relevance(query_labels, retrieved_labels)
-    n_relevant = count_relevant(query_labels, database_labels, query_indices=query_indices)
+    n_relevant = count_relevant(query_labels, database_labels, query_indices=query_indices,
+                                excluded=excluded)
 
     precision = precision_at(relevance, cutoffs).mean(axis=0)
     recall = recall_at(relevance, n_relevant, cutoffs).mean(axis=0)
@@ -725,7 +785,7 @@ def evaluate_rankings(
         _check_cutoffs(ndcg_cutoffs, ranked.shape[1])
         gains = overlap_gain(query_labels, retrieved_labels)
         ideal = ideal_gains(query_labels, database_labels, int(max(ndcg_cutoffs)),
-                            query_indices=query_indices)
+                            query_indices=query_indices, excluded=excluded)
         ndcg = ndcg_at(gains, ideal, ndcg_cutoffs).mean(axis=0)
         for column, k in enumerate(ndcg_cutoffs):
             row[f"nDCG@{k}"] = float(ndcg[column])

@@ -511,3 +511,43 @@ def test_evaluate_rankings_default_cutoffs():
         f"mAP@{n}" for n in (5, 10, 15, 20, 25, 30, 35, 40)]
     assert {"nDCG@5", "nDCG@10"} <= row.keys() and "purity" not in row
     assert all(0.0 <= value <= 1.0 for value in row.values())
+
+
+# --------------------------------------------------------------------------------------
+# Excluded items (e.g. the query's own study): not candidates, not counted
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_excluded_items_match_brute_force_on_the_remaining_database(seed):
+    rng = np.random.default_rng(seed)
+    database = random_multi_label(rng, 50)
+    queries = random_multi_label(rng, 7)
+    pair_query = rng.integers(0, 7, 40)
+    pair_item = rng.integers(0, 50, 40)        # duplicates included: a pair counts once
+    excluded = (pair_query, pair_item)
+    ideal = ideal_gains(queries, database, 12, excluded=excluded)
+    relevant = count_relevant(queries, database, excluded=excluded)
+    for row in range(7):
+        others = np.delete(database, np.unique(pair_item[pair_query == row]), axis=0)[None]
+        gains = overlap_gain(queries[row:row + 1], others)[0]
+        np.testing.assert_allclose(ideal[row], np.pad(-np.sort(-gains), (0, 12))[:12])
+        assert relevant[row] == binary_relevance(queries[row:row + 1], others).sum()
+
+
+def test_evaluate_rankings_with_excluded_items_by_hand():
+    database = one_hot(np.array([0, 0, 1, 0, 0]))
+    # query of class 0 whose own study holds items 0 and 1: the candidates are 2, 3, 4;
+    # ranking 2, 3, 4 -> rel 0 1 1; R = 2 (items 3, 4), R@3 = 1; P@3 = 2/3
+    # AP@3 = (1/2 + 2/3) / 2; nDCG@3 = (1/log2 3 + 1/2) / (1 + 1/log2 3)
+    excluded = (np.array([0, 0]), np.array([0, 1]))
+    row = evaluate_rankings(database[[0]], database, np.array([[2, 3, 4]]), cutoffs=[3],
+                            ndcg_cutoffs=[3], excluded=excluded)
+    assert row["R@3"] == pytest.approx(1.0)
+    assert row["P@3"] == pytest.approx(2 / 3)
+    assert row["mAP@3"] == pytest.approx((1 / 2 + 2 / 3) / 2)
+    assert row["nDCG@3"] == pytest.approx((1 / LOG2_3 + 1 / 2) / (1 + 1 / LOG2_3))
+    with pytest.raises(ValueError, match="excluded for its query"):
+        evaluate_rankings(database[[0]], database, np.array([[1, 3, 4]]), cutoffs=[3],
+                          excluded=excluded)
+    with pytest.raises(ValueError, match="excluded rows must lie"):
+        evaluate_rankings(database[[0]], database, np.array([[2, 3, 4]]), cutoffs=[3],
+                          excluded=(np.array([1]), np.array([0])))
