@@ -70,9 +70,10 @@ def _vocabulary(settings: Settings):
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .scp import ingestor_for, serve_forever
+    from .scp import ensure_port_free, ingestor_for, serve_forever
 
     settings = _settings(args)
+    ensure_port_free(settings.bind_address, settings.port)
     _vocabulary(settings)  # a broken site vocabulary stops the start, not the worker later
     with _database(settings) as database:
         stop = _stop_on_signals()

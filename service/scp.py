@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import multiprocessing
 import os
 import shutil
 import signal
+import socket
 import ssl
 import threading
 import time
@@ -117,6 +119,38 @@ class DiskWatermark:
         return self._refusal
 
 
+class PortInUse(ConfigError):
+    """Another program holds the listening port: starting would split the archive."""
+
+
+def ensure_port_free(bind_address: str, port: int) -> None:
+    """Raise :class:`PortInUse` when any socket already listens on ``bind_address:port``.
+
+    The listener processes of one ``serve`` bind with ``SO_REUSEPORT`` so that the kernel
+    spreads associations over them. The kernel would spread them just as well over the
+    processes of a *second* service started on the same port with another archive, and each
+    sender would be told Success by whichever archive it reached. A bind without
+    ``SO_REUSEPORT`` fails while any socket holds the port (ours included), so it tells a
+    free port from a taken one; ``SO_REUSEADDR`` keeps the connections of a stopped run,
+    still in TIME_WAIT, from counting as a holder. Port 0 (an ephemeral port per process)
+    cannot be shared and is not checked.
+    """
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ":" in bind_address else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((bind_address, port))
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+            raise PortInUse(
+                f"port {port} on {bind_address} is already in use by another program "
+                f"(another 'pacs-annotate serve'?); stop it or choose another --port"
+            ) from None
+
+
 def start_listener(settings: Settings, ingestor: Ingestor, *, reuse_port: bool = False,
                    port: int | None = None) -> DicomServer:
     """Start the SCP in background threads; returns the server (call ``shutdown()``)."""
@@ -216,6 +250,9 @@ def serve_forever(settings: Settings, database_url: str, ingestor: Ingestor,
     not share the CPU with the worker's start (a second of imports, which took an eighth
     of the CPU of the benchmark's first seconds: benchmarks/ingest/README.md).
     """
+    # checked again here, after the database and before the workers start: the first
+    # check (cmd_serve) fails fast, this one narrows the window to the listeners' start
+    ensure_port_free(settings.bind_address, settings.port)
     context = multiprocessing.get_context("spawn")
     children: list = []
     if settings.tags_worker and "tags" in settings.queue_stages:

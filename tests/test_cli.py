@@ -199,3 +199,27 @@ def test_serve_parses_tags_in_a_lower_priority_process(tmp_path):
         assert counts == {"done": 1}
     finally:
         assert server.stop() == 0
+
+
+@pytest.mark.parametrize("processes", ["1", "2"])
+def test_a_second_service_on_a_taken_port_refuses_to_start(tmp_path, processes):
+    """Listener processes share their port (SO_REUSEPORT); a second service must not join
+    them, or the kernel would spread one PACS's stores over two archives."""
+    port = _free_port()
+    first_dir, second_dir = tmp_path / "first" / "data", tmp_path / "second" / "data"
+    first_dir.parent.mkdir()
+    server = Serve(first_dir, port, "--processes", processes)
+    try:
+        second = subprocess.run(
+            CLI + ["serve", "--bind", "127.0.0.1", "--port", str(port), "--processes", "2"],
+            env=_env(second_dir), cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2, second.stderr
+        assert f"port {port} on 127.0.0.1 is already in use" in second.stderr
+        assert "Traceback" not in second.stderr
+        assoc = associate(port, called="PACS_ANNOTATE")
+        for _ in range(15):
+            assert assoc.send_c_store(make_ct()).Status == 0x0000
+        assoc.release()
+    finally:
+        assert server.stop() == 0
+    assert _status(first_dir)["archive"]["instances"] == 15
