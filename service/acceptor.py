@@ -89,6 +89,27 @@ class StoreRequest:
 
 
 StoreHandler = Callable[[StoreRequest], int]
+
+
+@dataclass(frozen=True)
+class DimseRequest:
+    """A DIMSE message other than C-STORE/C-ECHO, for a handler in ``services``."""
+
+    command_field: int
+    message_id: int
+    context_id: int
+    transfer_syntax_uid: str
+    fields: dict[int, bytes]  # element number (group 0000) -> raw value
+    dataset: bytes | None
+    calling_ae_title: str
+    called_ae_title: str
+    peer_address: str
+
+
+# command field -> handler; it runs on the association's thread and answers through
+# ``association.send_message`` (storage commitment: service/storage_commitment.py)
+ServiceHandler = Callable[[DimseRequest, "Association"], None]
+
 # called before each association is accepted: a reason to refuse it (transiently), or None
 AdmissionCheck = Callable[[], "str | None"]
 
@@ -205,8 +226,13 @@ class Association:
 
     def __init__(self, sock: socket.socket, address: tuple, config: AcceptorConfig,
                  on_store: StoreHandler, busy: bool = False,
-                 admission: AdmissionCheck | None = None):
+                 admission: AdmissionCheck | None = None,
+                 services: dict[int, ServiceHandler] | None = None,
+                 service_syntaxes: tuple[str, ...] = ()):
         self.sock = sock
+        self.services = services or {}
+        self.service_syntaxes = service_syntaxes  # non-storage SOP classes ``services`` serve
+        self.peer_max_pdu = 0  # the requestor's maximum PDU length, 0 = unlimited
         self.address = f"{address[0]}:{address[1]}" if address else "?"
         self.config = config
         self.on_store = on_store
@@ -309,15 +335,24 @@ class Association:
         roles: dict = {}
         async_requested = False
         for item in primitive.user_information:
-            if isinstance(item, SCP_SCU_RoleSelectionNegotiation):
+            if isinstance(item, MaximumLengthNotification):
+                self.peer_max_pdu = item.maximum_length_received or 0
+            elif isinstance(item, SCP_SCU_RoleSelectionNegotiation):
                 roles[item.sop_class_uid] = (item.scu_role, item.scp_role)
             elif isinstance(item, AsynchronousOperationsWindowNegotiation):
                 async_requested = True
         verification = PresentationContext()
         verification.abstract_syntax = VERIFICATION
         verification.transfer_syntax = ["1.2.840.10008.1.2", "1.2.840.10008.1.2.1"]
+        supported = [verification]
+        for syntax in self.service_syntaxes:
+            context = PresentationContext()
+            context.abstract_syntax = syntax
+            context.transfer_syntax = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"]
+            context.scu_role = context.scp_role = True
+            supported.append(context)
         results, role_replies = negotiate_unrestricted(
-            primitive.presentation_context_definition_list, [verification], roles or None)
+            primitive.presentation_context_definition_list, supported, roles or None)
         self.contexts = {cx.context_id: cx for cx in results if cx.result == 0x00}
 
         ac = A_ASSOCIATE()
@@ -425,7 +460,8 @@ class Association:
     def _dispatch(self, message: _Message, dataset: bytes | None) -> None:
         fields = message.fields
         command_field = _us(fields, 0x0100)
-        message_id = _us(fields, 0x0110)
+        # a response (to a request a service handler sent) carries MessageIDBeingRespondedTo
+        message_id = _us(fields, 0x0120 if (command_field or 0) & 0x8000 else 0x0110)
         if command_field is None or message_id is None:
             raise ProtocolError("command set without CommandField or MessageID",
                                 ABORT_INVALID_PARAMETER)
@@ -456,6 +492,10 @@ class Association:
                           sop_instance)
         elif command_field == C_CANCEL_RQ:
             return
+        elif (service := self.services.get(command_field)) is not None:
+            service(DimseRequest(command_field, message_id, message.context_id,
+                                 str(context.transfer_syntax[0]), fields, dataset,
+                                 self.calling_ae, self.called_ae, self.address), self)
         else:
             self._respond(message.context_id, command_field | 0x8000, message_id, sop_class,
                           STATUS_UNRECOGNIZED_OPERATION)
@@ -468,14 +508,32 @@ class Association:
 
 # ---------------------------------------------------------------- server
 
+    def send_message(self, context_id: int, command: bytes, dataset: bytes | None = None) -> None:
+        """Send a command set and its dataset, in P-DATA-TF PDUs no larger than the peer's
+        maximum (for a handler in ``services``)."""
+        self.sock.sendall(p_data_pdu(context_id, command))
+        if dataset is None:
+            return
+        # PDU header 6 + PDV item header 6
+        step = (self.peer_max_pdu - 12) if self.peer_max_pdu > 12 else len(dataset) or 1
+        for start in range(0, max(len(dataset), 1), step):
+            fragment = dataset[start:start + step]
+            last = 0x02 if start + step >= len(dataset) else 0x00
+            item = struct.pack(">IBB", len(fragment) + 2, context_id, last) + fragment
+            self.sock.sendall(struct.pack(">BBI", P_DATA_TF_TYPE, 0, len(item)) + item)
+
 
 class DicomServer:
     """Accepts connections on one port and serves each association on its own thread."""
 
     def __init__(self, address: tuple[str, int], config: AcceptorConfig, on_store: StoreHandler,
                  *, reuse_port: bool = False, ssl_context: ssl.SSLContext | None = None,
-                 admission: AdmissionCheck | None = None):
+                 admission: AdmissionCheck | None = None,
+                 services: dict[int, ServiceHandler] | None = None,
+                 service_syntaxes: tuple[str, ...] = ()):
         self.config = config
+        self.services = services
+        self.service_syntaxes = service_syntaxes
         self.on_store = on_store
         self.admission = admission
         self.ssl_context = ssl_context
@@ -539,7 +597,8 @@ class DicomServer:
                     conn.close()
                     return
             Association(conn, address, self.config, self.on_store, busy=busy,
-                        admission=self.admission).run()
+                        admission=self.admission, services=self.services,
+                        service_syntaxes=self.service_syntaxes).run()
         finally:
             with self._lock:
                 self._active -= 1

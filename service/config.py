@@ -41,6 +41,8 @@ class Settings:
     max_pdu_size: int = 262144
     allowed_calling_aets: tuple[str, ...] = ()
     allowed_networks: tuple[str, ...] = ()
+    # storage commitment requesters that get the report on a new association: AE=host:port
+    storage_commitment_peers: tuple[str, ...] = ()
     processes: int = field(default_factory=lambda: os.cpu_count() or 1)
     commit_batch_max: int = 128
     min_free_disk_mb: int = 1024
@@ -89,6 +91,10 @@ class Settings:
             except ValueError:
                 raise ConfigError(f"allowed_networks entry {network!r} is not an address or "
                                   "network (CIDR)") from None
+        if self.storage_commitment_peers:
+            from .storage_commitment import parse_peers
+
+            parse_peers(self.storage_commitment_peers)  # ConfigError on a bad entry
         if not 0 < self.port < 65536:
             raise ConfigError(f"port {self.port} is outside 1-65535")
         if self.max_associations < 1:
@@ -131,6 +137,7 @@ ENV_VARS: dict[str, str] = {
     "PACS_MAX_PDU_SIZE": "max_pdu_size",
     "PACS_ALLOWED_CALLING_AETS": "allowed_calling_aets",
     "PACS_ALLOWED_NETWORKS": "allowed_networks",
+    "PACS_STORAGE_COMMITMENT_PEERS": "storage_commitment_peers",
     "PACS_PROCESSES": "processes",
     "PACS_COMMIT_BATCH_MAX": "commit_batch_max",
     "PACS_MIN_FREE_DISK_MB": "min_free_disk_mb",

@@ -19,6 +19,8 @@ from .acceptor import AcceptorConfig, DicomServer, StoreRequest
 from .config import ConfigError, Settings
 from .dicom_header import STATUS_UNDECODABLE, encode_part10
 from .ingest import Ingestor
+from .storage_commitment import SOP_CLASS as STORAGE_COMMITMENT
+from .storage_commitment import StorageCommitmentSCP, parse_peers
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +156,9 @@ def ensure_port_free(bind_address: str, port: int) -> None:
 def start_listener(settings: Settings, ingestor: Ingestor, *, reuse_port: bool = False,
                    port: int | None = None) -> DicomServer:
     """Start the SCP in background threads; returns the server (call ``shutdown()``)."""
+    commitment = StorageCommitmentSCP(ingestor.engine, settings.ae_title,
+                                      parse_peers(settings.storage_commitment_peers),
+                                      timeout=settings.dimse_timeout)
     server = DicomServer(
         (settings.bind_address, settings.port if port is None else port),
         acceptor_config(settings),
@@ -161,6 +166,8 @@ def start_listener(settings: Settings, ingestor: Ingestor, *, reuse_port: bool =
         reuse_port=reuse_port,
         ssl_context=tls_context(settings),
         admission=DiskWatermark(settings.storage_path, settings.min_free_disk_mb),
+        services=commitment.services,
+        service_syntaxes=(STORAGE_COMMITMENT,),
     )
     return server.start()
 
