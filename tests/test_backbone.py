@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from pipelines.backbone import (
-    Backbone, WeightsMissingError, build_densenet121, extract_features, load_backbone,
-    remap_legacy_keys, weights_version,
+    Backbone, WeightsMissingError, build_densenet121, cpu_has_native_bf16, default_precision,
+    extract_features, load_backbone, remap_legacy_keys, weights_version,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -135,7 +135,7 @@ def test_same_outputs_as_torchvision_for_the_same_weights(torchvision_densenet, 
     theirs = torchvision_model(torchvision_densenet)
     theirs.load_state_dict(ours.state_dict(), strict=True)
     theirs.eval()
-    backbone = load_backbone(save_legacy_file(ours, tmp_path / "w.pth"))
+    backbone = load_backbone(save_legacy_file(ours, tmp_path / "w.pth"), precision="fp32")
     batch = images(2, 64)
     maps, pooled = extract_features(backbone, batch)
     with torch.no_grad():
@@ -198,7 +198,7 @@ print(json.dumps({{"version": torchvision.__version__}}))
     if "import_error" in outcome:
         pytest.skip(f"torchvision does not import here ({outcome['import_error'][:120]}); "
                     "covered by the source-file tests above")
-    _, pooled = extract_features(load_backbone(weights), batch)
+    _, pooled = extract_features(load_backbone(weights, precision="fp32"), batch)
     with torch.no_grad():
         logits = load_backbone(weights).module.classifier(pooled)
     torch.testing.assert_close(logits, torch.load(tmp_path / "logits.pt"))
@@ -210,7 +210,7 @@ print(json.dumps({{"version": torchvision.__version__}}))
 def test_feature_shapes_at_224_and_pooled_is_mean_of_relu_map(tmp_path):
     weights = tmp_path / "w.pth"
     torch.save(seeded_model().state_dict(), weights)
-    backbone = load_backbone(weights)
+    backbone = load_backbone(weights, precision="fp32")
     batch = images(1, 224)
     maps, pooled = extract_features(backbone, batch)
     assert maps.shape == (1, 1024, 7, 7) and pooled.shape == (1, 1024)
@@ -247,13 +247,32 @@ def test_bf16_option_on_cpu_is_close_to_fp32(tmp_path):
     weights = tmp_path / "w.pth"
     torch.save(seeded_model().state_dict(), weights)
     batch = images(1, 64)
-    _, exact = extract_features(load_backbone(weights), batch)
+    _, exact = extract_features(load_backbone(weights, precision="fp32"), batch)
     bf16 = load_backbone(weights, precision="bf16")
     assert bf16.precision == "bf16"
     _, approximate = extract_features(bf16, batch)
     assert approximate.dtype == torch.float32
     relative = (approximate - exact).norm() / exact.norm()
     assert 0 < relative < 0.05  # bf16 has 8 significant bits: close, not equal
+
+
+@pytest.mark.parametrize("native_bf16, expected", [(True, "bf16"), (False, "fp32")])
+def test_cpu_default_precision_follows_native_bf16(native_bf16, expected):
+    """oneDNN emulates bf16 where the CPU lacks it, slower than fp32: detected, not set."""
+    assert default_precision("cpu", native_bf16=native_bf16) == expected
+    assert default_precision("cuda", native_bf16=False) == "bf16"
+
+
+def test_default_precision_is_the_detected_one_and_close_to_fp32_per_image(tmp_path):
+    weights = tmp_path / "w.pth"
+    torch.save(seeded_model().state_dict(), weights)
+    backbone = load_backbone(weights)
+    assert backbone.precision == ("bf16" if cpu_has_native_bf16() else "fp32")
+    batch = images(4, 96)
+    _, pooled = extract_features(backbone, batch)
+    _, exact = extract_features(load_backbone(weights, precision="fp32"), batch)
+    per_image = (pooled - exact).norm(dim=1) / exact.norm(dim=1)
+    assert float(per_image.max()) < 1e-2  # the features stay what they are, image by image
 
 
 @pytest.mark.parametrize("bad, reason", [
