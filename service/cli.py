@@ -19,6 +19,105 @@ from .db import Database
 log = logging.getLogger("pacs_annotate")
 
 
+class UserError(Exception):
+    """A mistake of the person running the command: ``main`` prints ``error: <message>``,
+    one line, and exits 2 (no traceback)."""
+
+
+def _int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    parse.__name__ = "integer"  # argparse names the type in its messages
+    return parse
+
+
+positive_int = _int_at_least(1)
+non_negative_int = _int_at_least(0)
+
+
+def _share(*, low_open: bool = False, high_open: bool = False):
+    """A float in [0, 1]; ``low_open``/``high_open`` exclude 0/1."""
+    interval = f"{'(' if low_open else '['}0, 1{')' if high_open else ']'}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not ((0 < value if low_open else 0 <= value)
+                and (value < 1 if high_open else value <= 1)):
+            raise argparse.ArgumentTypeError(f"must be in {interval}, got {value:g}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's default in ``--help``, also for options without a help text; none
+    for defaults that say nothing (None, a flag's False) or a help that names its own."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("default" in text or action.default is None or action.default is False
+                or action.default == argparse.SUPPRESS or not action.option_strings):
+            return text
+        return f"{text} (default: %(default)s)".lstrip()
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        import textwrap
+
+        # "same-study", a path: a value is never broken at its hyphen
+        return textwrap.wrap(self._whitespace_matcher.sub(" ", text).strip(), width,
+                             break_on_hyphens=False)
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if not action.help and self._get_help_string(action):
+            import copy
+
+            action = copy.copy(action)
+            action.help = self._get_help_string(action)
+        return super()._format_action(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with defaults in every help and a one-line error (``prog: error: ...``),
+    exit 2; the subcommands' parsers are of this class too."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+# commands that work on an existing archive: with the embedded database, a --data-dir
+# without one is a typo, not a wish for a new empty archive (--create makes one)
+_CREATES_ARCHIVE = frozenset({"serve", "import", "migrate"})
+
+
+def _check_archive_exists(args: argparse.Namespace, settings: Settings) -> None:
+    command = getattr(args, "command", None)
+    if (settings.database_url or command in _CREATES_ARCHIVE or command == "send"
+            or (command == "select-features" and not args.auto)  # no database without --auto
+            or getattr(args, "create", False) or settings.pgdata_path.is_dir()):
+        return
+    where = ("does not exist" if not settings.data_dir.exists()
+             else "holds no archive (no pgdata folder)")
+    raise UserError(f"data directory {settings.data_dir} {where}: point --data-dir (or "
+                    "PACS_DATA_DIR) at the folder that `serve` or `import` filled, set "
+                    "DATABASE_URL for an external PostgreSQL, or add --create to start a new, "
+                    "empty archive there")
+
+
 def _settings(args: argparse.Namespace) -> Settings:
     overrides = {
         "ae_title": getattr(args, "ae_title", None),
@@ -29,7 +128,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         "storage_dir": getattr(args, "storage_dir", None),
         "log_format": getattr(args, "log_format", None),
     }
-    return load_settings(args.config, **overrides)
+    return load_settings(getattr(args, "config", None), **overrides)  # send has no --config
 
 
 @contextlib.contextmanager
@@ -57,10 +156,20 @@ def _stop_on_signals() -> threading.Event:
 
 
 def _stderr_lines(quiet: bool = False):
-    """The progress callback of the long commands: one line per step on stderr."""
+    """The progress callback of the long commands: one line per step on stderr (above a
+    progress bar, when one is drawn)."""
     if quiet:
         return None
-    return lambda line: print(line, file=sys.stderr, flush=True)
+    from tqdm import tqdm
+
+    return lambda line: tqdm.write(line, file=sys.stderr)
+
+
+def _progress_stream(quiet: bool = False):
+    """Where a long job draws its progress: stderr when it is a terminal, else nowhere."""
+    from .progress import on_terminal
+
+    return None if quiet or not on_terminal() else sys.stderr
 
 
 def _vocabulary(settings: Settings):
@@ -99,11 +208,38 @@ def cmd_worker(args: argparse.Namespace) -> int:
     vocabulary = _vocabulary(settings)
     with _database(settings) as database:
         stop = _stop_on_signals()
+        if args.drain:
+            return _drain_tags(database.engine, name, vocabulary, args.batch or 200, stop)
         worker = TagsWorker(database.engine, name=name, vocabulary=vocabulary,
                             batch=args.batch or 200).start()
         log.info("tags worker running")
         stop.wait()
         worker.stop()
+    return 0
+
+
+def _pending(engine, stage: str) -> int:
+    import sqlalchemy as sa
+
+    with engine.connect() as conn:
+        return conn.execute(sa.text("SELECT count(*) FROM work_queue WHERE stage = :stage "
+                                    "AND status = 'pending'"), {"stage": stage}).scalar_one()
+
+
+def _drain_tags(engine, name: str, vocabulary, batch: int, stop: threading.Event) -> int:
+    """``worker --stage tags --drain``: parse what is queued now, then exit."""
+    from .features import STAGE, process_queue_batch
+    from .progress import progress
+
+    done = 0
+    with progress(total=_pending(engine, STAGE), desc="tags", unit="instance") as bar:
+        while not stop.is_set():
+            claimed = process_queue_batch(engine, name, limit=batch, vocabulary=vocabulary)
+            if not claimed:
+                break
+            done += claimed
+            bar.update(claimed)
+    print(f"{done} instances parsed")
     return 0
 
 
@@ -127,12 +263,17 @@ def _run_image_worker(settings: Settings, name: str, args: argparse.Namespace) -
                          feature_store=settings.feature_store_path, name=name,
                          batch=args.batch or settings.image_batch,
                          decode_workers=settings.image_decode_workers,
-                         max_attempts=settings.image_max_attempts) as worker:
+                         max_attempts=settings.image_max_attempts,
+                         weights_path=settings.image_weights) as worker:
             log.info("image worker running", extra={"device": device,
                                                     "model_version": backbone.model_version})
             if args.drain:
-                while worker.run_once():
-                    pass
+                from .progress import progress
+
+                with progress(total=_pending(database.engine, "image"), desc="image features",
+                              unit="image") as bar:
+                    while not stop.is_set() and (claimed := worker.run_once()):
+                        bar.update(claimed)
             else:
                 worker.run(stop)
         print(json.dumps({"worker": name, **worker.stats}))
@@ -160,15 +301,22 @@ def cmd_train_backbone(args: argparse.Namespace) -> int:
         f"{training.tag_cluster_run} ({training.undecodable} not decodable"
         + (f"; too few images: clusters {sorted(training.dropped_classes)}" if
            training.dropped_classes else "") + ")")
-    result = train_backbone(
-        training.dataset, training.labels, classes=training.classes, checkpoint_dir=out,
-        tag_cluster_run=training.tag_cluster_run, epochs=args.epochs,
-        batch_size=args.batch_size, val_fraction=args.val_fraction, patience=args.patience,
-        device=None if settings.image_device == "auto" else settings.image_device,
-        seed=args.seed, resume=not args.restart,
-        progress=lambda record: say(
-            "epoch {epoch}: train loss {train_loss:.3f}, val accuracy {val_accuracy:.3f}"
-            .format(**record)))
+    from .progress import counts_callback, progress
+
+    with progress(total=args.epochs, desc="train-backbone", unit="epoch") as bar:
+        epochs_done = counts_callback(bar)
+
+        def epoch_done(record: dict) -> None:
+            say("epoch {epoch}: train loss {train_loss:.3f}, val accuracy {val_accuracy:.3f}"
+                .format(**record))
+            epochs_done(record["epoch"], args.epochs)
+
+        result = train_backbone(
+            training.dataset, training.labels, classes=training.classes, checkpoint_dir=out,
+            tag_cluster_run=training.tag_cluster_run, epochs=args.epochs,
+            batch_size=args.batch_size, val_fraction=args.val_fraction, patience=args.patience,
+            device=None if settings.image_device == "auto" else settings.image_device,
+            seed=args.seed, resume=not args.restart, progress=epoch_done)
     print(f"best held-out accuracy {result.best_val_accuracy:.3f} at epoch {result.best_epoch} "
           f"of {result.epochs_run}{' (stopped early)' if result.stopped_early else ''}; "
           f"weights: {result.checkpoint_path}")
@@ -192,7 +340,8 @@ def cmd_image_model(args: argparse.Namespace) -> int:
         try:
             model_id = train_image_model(
                 database.engine, settings.feature_store_path, settings.data_dir / "image_models",
-                config=config, max_images=args.max_images, progress=say)
+                config=config, max_images=args.max_images, ranking=args.ranking,
+                progress=say)
         except ValueError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
@@ -216,16 +365,8 @@ def cmd_query(args: argparse.Namespace) -> int:
         try:
             if args.uid:
                 clusters, codes = similar.code_of(args.uid)
-            else:
-                import torch
-
-                from pipelines.backbone import extract_features, load_backbone
-                from pipelines.pixels import file_to_image
-
-                backbone = load_backbone(settings.image_weights, device=device)
-                image = torch.from_numpy(file_to_image(args.file))
-                maps, _ = extract_features(backbone, image[None])
-                clusters, codes = similar.code_maps(maps)
+            else:  # through the active model's backbone; PACS_IMAGE_WEIGHTS must match it
+                clusters, codes = similar.code_file(args.file, settings.image_weights)
             ranked = similar.rank(clusters, codes, args.top, exclude=args.uid)[0]
         except (KeyError, ValueError, FileNotFoundError) as exc:
             print(f"error: {exc}", file=sys.stderr)
@@ -246,9 +387,17 @@ def cmd_query(args: argparse.Namespace) -> int:
           f"{'body part':<12}  SOP Instance UID")
     for rank, hit in enumerate(hits, start=1):
         print(f"{rank:>4}  {hit.score:6.3f}  {hit.image_cluster:>7}{'*' if hit.same_cluster else ' '}"
-              f" {'' if hit.tag_cluster is None else hit.tag_cluster:>7}  {hit.modality or '':<8}  "
+              f" {_tag_cluster_text(hit):>7}  {hit.modality or '':<8}  "
               f"{hit.body_part or '':<12}  {hit.sop_instance_uid}")
+    if any(hit.tag_cluster_outlier for hit in hits):
+        print("? its tags fit no tag cluster (an outlier of the active clustering run)")
     return 0
+
+
+def _tag_cluster_text(hit) -> str:
+    if hit.tag_cluster is None:
+        return ""
+    return f"{hit.tag_cluster}{'?' if hit.tag_cluster_outlier else ''}"
 
 
 def cmd_visual_check(args: argparse.Namespace) -> int:
@@ -260,13 +409,17 @@ def cmd_visual_check(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     with _database(settings) as database, database.engine.connect() as conn:
-        rows = conn.execute(sa.select(sa.column("feature", Vector()), sa.column("tag_cluster"))
+        rows = conn.execute(sa.select(sa.column("feature", Vector()), sa.column("tag_cluster"),
+                                      sa.column("model_version"), sa.column("run_id"))
                             .select_from(sa.text("image_features JOIN instance_tag_cluster "
                                                  "USING (sop_instance_uid)"))
                             .where(sa.text("status = 'done'"))).all()
     if not rows:
         print("error: no instance has both image features and a tag cluster", file=sys.stderr)
         return 2
+    circular = _circular_backbone(settings, {r[2] for r in rows}, rows[0][3])
+    if circular:
+        log.warning(circular)
     embeddings = np.stack([np.asarray(r[0], dtype=np.float64) for r in rows])
     labels = np.array([r[1] for r in rows])
     size = args.sample_size or len(rows) // args.samples
@@ -280,7 +433,36 @@ def cmd_visual_check(args: argparse.Namespace) -> int:
           f"the tag-cluster mean vs with permuted labels: {result.format()}")
     print(f"  tag clusters {result.mean_true:.6g}, permuted {result.mean_permuted:.6g}; "
           f"t = {result.t_statistic:.6g}, p = {result.p_value:.3g}")
+    if circular:
+        print(f"  warning: {circular}")
     return 0
+
+
+def _circular_backbone(settings: Settings, feature_versions: set[str],
+                       tag_cluster_run: int) -> str | None:
+    """Why the check is circular, or None: the configured backbone made these features and
+    ``train-backbone`` trained it to predict the clusters of ``tag_cluster_run`` itself."""
+    if settings.image_weights is None or not Path(settings.image_weights).is_file():
+        return None
+    import torch
+
+    from pipelines.backbone import CHECKPOINT_FORMAT, weights_version
+
+    version = weights_version(settings.image_weights)
+    if version not in feature_versions:
+        return None  # the features are another backbone's: nothing known about its training
+    stored = torch.load(settings.image_weights, map_location="cpu", weights_only=True,
+                        mmap=True)
+    trained_on = (stored.get("metadata", {}).get("tag_cluster_run")
+                  if isinstance(stored, dict) and stored.get("format") == CHECKPOINT_FORMAT
+                  else None)
+    if trained_on is None or int(trained_on) != int(tag_cluster_run):
+        return None
+    return (f"circular: the backbone that made these features ({version}) was trained by "
+            f"train-backbone to predict the clusters of tag-cluster run {tag_cluster_run}, "
+            "the run tested here, so a small p-value is expected and says nothing about "
+            "whether the tag clusters group similar-looking images; check with features "
+            "of ImageNet weights instead")
 
 
 def cmd_reparse(args: argparse.Namespace) -> int:
@@ -292,7 +474,7 @@ def cmd_reparse(args: argparse.Namespace) -> int:
     vocabulary = _vocabulary(settings)
     with _database(settings) as database:
         done = reparse(database.engine, vocabulary=vocabulary, chunk=args.chunk,
-                       progress=None if args.quiet else sys.stderr, everything=args.all)
+                       progress=_progress_stream(args.quiet), everything=args.all)
     print(f"{done} instances parsed with parser version {PARSER_VERSION}, "
           f"vocabulary {vocabulary.version}")
     return 0
@@ -315,16 +497,61 @@ def cmd_import(args: argparse.Namespace) -> int:
     if not root.exists():
         print(f"error: {root} does not exist", file=sys.stderr)
         return 2
-    with _database(settings) as database, ingestor_for(settings, database.engine) as ingestor:
-        report = import_directory(ingestor, root, threads=args.threads,
-                                  calling_ae=args.calling_ae,
-                                  progress=None if args.quiet else sys.stderr)
+    rejects_csv = None
+    if args.rejects_csv:
+        try:  # opened first: a path that cannot be written fails before the import
+            rejects_csv = open(args.rejects_csv, "w", newline="", encoding="utf-8")
+        except OSError as exc:
+            print(f"error: --rejects-csv {args.rejects_csv}: {exc.strerror}", file=sys.stderr)
+            return 2
+    try:
+        with _database(settings) as database, \
+                ingestor_for(settings, database.engine) as ingestor:
+            report = import_directory(ingestor, root, threads=args.threads,
+                                      calling_ae=args.calling_ae,
+                                      progress=_progress_stream(args.quiet))
+        if rejects_csv is not None:
+            report.write_rejects_csv(rejects_csv)
+    finally:
+        if rejects_csv is not None:
+            rejects_csv.close()
     print(report.summary())
     if report.outcomes.get("failed"):
         return 1
     if args.strict and report.outcomes.get("rejected"):
         return 1
     return 0
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    from .sender import SendOptions, parse_destination, send_directory
+
+    try:
+        host, port = parse_destination(args.to)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    for flag, title in (("--aet", args.aet), ("--aec", args.aec)):
+        if not title.strip() or len(title) > 16 or "\\" in title:
+            raise UserError(f"{flag} {title!r}: an AE title has 1 to 16 characters, no backslash")
+    roots = [Path(p) for p in args.paths]
+    for root in roots:
+        if not root.exists():
+            raise UserError(f"{root} does not exist")
+    report_csv = None
+    if args.report:
+        try:  # opened first: a path that cannot be written fails before anything is sent
+            report_csv = open(args.report, "w", newline="", encoding="utf-8")
+        except OSError as exc:
+            raise UserError(f"--report {args.report}: {exc.strerror}") from None
+    options = SendOptions(host, port, calling_ae=args.aet, called_ae=args.aec,
+                          timeout=args.timeout)
+    try:
+        report = send_directory(roots, options, report_csv=report_csv, quiet=args.quiet)
+    finally:
+        if report_csv is not None:
+            report_csv.close()
+    print(report.summary())
+    return 0 if report.ok else 1
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -337,13 +564,26 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _statement_error(exc) -> str:
+    """PostgreSQL's message of a failed statement in one line, with where it failed."""
+    orig = getattr(exc, "orig", None)
+    if orig is None:  # SQLAlchemy's own objection (a bind parameter without a value)
+        return str(exc).splitlines()[0].split(" (Background on this error")[0]
+    text = (str(orig).strip().splitlines() or [type(orig).__name__])[0]
+    position = getattr(getattr(orig, "diag", None), "statement_position", None)
+    return f"{text} (at character {position})" if position else text
+
+
 def cmd_sql(args: argparse.Namespace) -> int:
     import sqlalchemy as sa
 
     settings = _settings(args)
     with _database(settings) as database:
         with database.engine.connect() as conn:
-            result = conn.execute(sa.text(args.query))
+            try:
+                result = conn.execute(sa.text(args.query))
+            except sa.exc.StatementError as exc:  # the statement's fault, not the service's
+                raise UserError(f"sql: {_statement_error(exc)}") from None
             if result.returns_rows:
                 columns = list(result.keys())
                 rows = [[("" if v is None else str(v)) for v in row] for row in result]
@@ -373,7 +613,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     with _database(settings) as database:
         run_id = args.run or run_analysis(database.engine, top=args.top,
                                           unique_ratio=args.unique_ratio,
-                                          progress=None if args.quiet else sys.stderr)
+                                          progress=_progress_stream(args.quiet))
         run = load_run(database.engine, run_id)
     both = not (args.csv or args.html)
     out = Path(args.out) if args.out else Path(f"tag-analysis-{run.id}")
@@ -440,7 +680,7 @@ def cmd_recluster(args: argparse.Namespace) -> int:
         return 2
     options = ReclusterOptions(
         selection=selection, candidates=args.candidates, max_profiles=args.max_profiles,
-        random_state=args.seed, partition_rows=args.partition_rows, scheduler=args.scheduler,
+        min_profiles_per_cluster=args.min_profiles_per_cluster, random_state=args.seed, partition_rows=args.partition_rows, scheduler=args.scheduler,
         n_workers=args.workers, keep_runs=args.keep_runs, force=args.force,
         restart=args.restart)
     progress = _stderr_lines(args.quiet)
@@ -486,23 +726,33 @@ def cmd_cluster_report(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="pacs-annotate",
         description="DICOM C-STORE ingestion into PostgreSQL, tag parsing and auto-annotation.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    common = argparse.ArgumentParser(add_help=False)
+    log_format = {"choices": ["text", "json"],
+                  "help": "log lines: text (HH:MM:SS LEVEL message, for a terminal) or json "
+                          "(one object a line, for a log collector); PACS_LOG_FORMAT, "
+                          "default text"}
+    # global: before the command, or after it (then SUPPRESS keeps the one given before)
+    parser.add_argument("--log-format", **log_format)
+    common = _Parser(add_help=False)
     common.add_argument("--config", help="TOML settings file (also PACS_CONFIG)")
-    common.add_argument("--data-dir", help="embedded database and default storage (PACS_DATA_DIR)")
+    common.add_argument("--data-dir", help="embedded database and default storage (PACS_DATA_DIR, "
+                                           "default ./data)")
     common.add_argument("--storage-dir", help="where instance files go (PACS_STORAGE_DIR)")
-    common.add_argument("--log-format", choices=["json", "text"], help="PACS_LOG_FORMAT")
+    common.add_argument("--log-format", default=argparse.SUPPRESS, **log_format)
+    common.add_argument("--create", action="store_true",
+                        help="start a new, empty archive when --data-dir holds none (serve, "
+                             "import and migrate always do)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = sub.add_parser("serve", parents=[common], help="run the C-STORE SCP")
     serve.add_argument("--ae-title", help="our AE title (PACS_AE_TITLE)")
     serve.add_argument("--bind", help="address to listen on (PACS_BIND_ADDRESS)")
     serve.add_argument("--port", type=int, help="port to listen on (PACS_PORT)")
-    serve.add_argument("--processes", type=int, help="listener processes (PACS_PROCESSES)")
+    serve.add_argument("--processes", type=positive_int, help="listener processes (PACS_PROCESSES)")
     serve.set_defaults(func=cmd_serve)
 
     sub.add_parser("migrate", parents=[common], help="apply database migrations").set_defaults(
@@ -512,12 +762,15 @@ def build_parser() -> argparse.ArgumentParser:
                             help="--stage tags: parse tags of new instances into "
                                  "instance_features (serve runs one too unless "
                                  "PACS_TAGS_WORKER=false); --stage image: DenseNet121 features "
-                                 "of stored images (GPU when present)")
-    worker.add_argument("--stage", choices=["tags", "image"], default="tags")
-    worker.add_argument("--batch", type=int, help="items per claim (tags: 200; image: "
-                                                  "PACS_IMAGE_BATCH)")
+                                 "of stored images (GPU when present); runs until stopped, "
+                                 "or with --drain until the queue is empty")
+    worker.add_argument("--stage", choices=["tags", "image"], default="tags",
+                        help="which work queue to serve")
+    worker.add_argument("--batch", type=positive_int, help="items per claim (tags: 200; image: "
+                                                           "PACS_IMAGE_BATCH)")
     worker.add_argument("--drain", action="store_true",
-                        help="image: stop when the queue is empty instead of waiting")
+                        help="work through what is queued now, with a progress bar, then exit "
+                             "(a backlog, a batch job) instead of waiting for new work")
     worker.set_defaults(func=cmd_worker)
 
     train = sub.add_parser("train-backbone", parents=[common],
@@ -526,13 +779,13 @@ def build_parser() -> argparse.ArgumentParser:
                                 "is configured)")
     train.add_argument("--out", default="data/backbone",
                        help="checkpoint folder (best.pt, last.pt); training resumes from it")
-    train.add_argument("--epochs", type=int, default=30)
-    train.add_argument("--batch-size", type=int, default=32)
-    train.add_argument("--val-fraction", type=float, default=0.2)
-    train.add_argument("--patience", type=int, default=5)
-    train.add_argument("--max-per-class", type=int, default=2000)
-    train.add_argument("--min-per-class", type=int, default=10)
-    train.add_argument("--size", type=int, default=224, help="input size in pixels")
+    train.add_argument("--epochs", type=positive_int, default=30)
+    train.add_argument("--batch-size", type=_int_at_least(2), default=32)
+    train.add_argument("--val-fraction", type=_share(low_open=True, high_open=True), default=0.2)
+    train.add_argument("--patience", type=positive_int, default=5)
+    train.add_argument("--max-per-class", type=positive_int, default=2000)
+    train.add_argument("--min-per-class", type=positive_int, default=10)
+    train.add_argument("--size", type=positive_int, default=224, help="input size in pixels")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--restart", action="store_true", help="do not resume from --out")
     train.set_defaults(func=cmd_train_backbone)
@@ -540,7 +793,7 @@ def build_parser() -> argparse.ArgumentParser:
     reparse = sub.add_parser("reparse", parents=[common],
                              help="re-parse the archive's tags after a parser or vocabulary "
                                   "change (resumable)")
-    reparse.add_argument("--chunk", type=int, default=1000)
+    reparse.add_argument("--chunk", type=positive_int, default=1000)
     reparse.add_argument("--all", action="store_true",
                          help="re-parse every instance, not only those of another parser or "
                               "vocabulary version")
@@ -549,11 +802,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     imp = sub.add_parser("import", parents=[common], help="backfill DICOM files from a folder")
     imp.add_argument("directory")
-    imp.add_argument("--threads", type=int, default=8)
+    imp.add_argument("--threads", type=positive_int, default=8)
     imp.add_argument("--calling-ae", default="IMPORT", help="recorded as the calling AE title")
     imp.add_argument("--strict", action="store_true", help="exit 1 when any file is rejected")
+    imp.add_argument("--rejects-csv", metavar="PATH",
+                     help="write every file not stored (file, SOP Instance UID, calling AE, "
+                          "status, reason) to this CSV file")
     imp.add_argument("--quiet", action="store_true", help="no progress line")
     imp.set_defaults(func=cmd_import)
+
+    send = sub.add_parser(
+        "send", help="send DICOM files to a DICOM receiver (C-STORE), each in its own transfer "
+                     "syntax; exit 1 when any was rejected or not sent")
+    send.add_argument("paths", nargs="+", metavar="DIR", help="folders (searched recursively) "
+                                                              "or files")
+    send.add_argument("--to", required=True, metavar="HOST:PORT",
+                      help="the receiver, e.g. 127.0.0.1:11112 ([::1]:11112 for IPv6)")
+    send.add_argument("--aet", default="STORESCU", help="our (calling) AE title")
+    send.add_argument("--aec", default="PACS_ANNOTATE", help="the receiver's (called) AE title")
+    send.add_argument("--timeout", type=float, default=60.0,
+                      help="seconds to wait for the receiver before giving up on an association")
+    send.add_argument("--report", metavar="FILE",
+                      help="write one CSV row per file: path, outcome (stored, rejected, failed, "
+                           "skipped), status, reason, UIDs, transfer syntax")
+    send.add_argument("--quiet", action="store_true", help="no progress bar")
+    send.set_defaults(func=cmd_send)
 
     status = sub.add_parser("status", parents=[common], help="counters and queue depth")
     status.add_argument("--json", action="store_true")
@@ -566,8 +839,8 @@ def build_parser() -> argparse.ArgumentParser:
     analyze = sub.add_parser("analyze", parents=[common],
                              help="tag frequency analysis of the archive, stored as a run, "
                                   "with a CSV and HTML report")
-    analyze.add_argument("--top", type=int, default=10, help="top values kept per tag")
-    analyze.add_argument("--unique-ratio", type=float, default=0.95,
+    analyze.add_argument("--top", type=positive_int, default=10, help="top values kept per tag")
+    analyze.add_argument("--unique-ratio", type=_share(low_open=True), default=0.95,
                          help="distinct/non-empty share from which a tag is unique per record")
     analyze.add_argument("--run", type=int, help="render this stored run instead of counting")
     analyze.add_argument("--out", help="report folder (default ./tag-analysis-RUN)")
@@ -582,9 +855,9 @@ def build_parser() -> argparse.ArgumentParser:
     select.add_argument("--auto", action="store_true",
                         help="derive the list from the latest (or --run) analysis run")
     select.add_argument("--run", type=int, help="analysis run for --auto")
-    select.add_argument("--max-missing", type=float, default=0.5,
+    select.add_argument("--max-missing", type=_share(), default=0.5,
                         help="drop columns missing in more than this share (--auto)")
-    select.add_argument("--max-columns", type=int, help="keep at most this many (--auto)")
+    select.add_argument("--max-columns", type=positive_int, help="keep at most this many (--auto)")
     select.add_argument("--out", help="write the selection JSON here instead of stdout")
     select.set_defaults(func=cmd_select_features)
 
@@ -597,17 +870,20 @@ def build_parser() -> argparse.ArgumentParser:
     recluster.add_argument("--candidates", type=_candidates, default=(5, 10, 15, 20, 100, 200, 300),
                            help="candidate K values, comma-separated (default: the paper's "
                                 "5,10,15,20,100,200,300)")
-    recluster.add_argument("--max-profiles", type=int, default=5000,
+    recluster.add_argument("--max-profiles", type=positive_int, default=5000,
                            help="distinct profiles clustered at most (a sample weighted by "
                                 "instance count beyond that)")
-    recluster.add_argument("--partition-rows", type=int, default=50_000,
+    recluster.add_argument("--min-profiles-per-cluster", type=positive_int, default=10,
+                           help="candidates above distinct profiles / this are not tried, so a "
+                                "small site gets a K a person can read (default 10)")
+    recluster.add_argument("--partition-rows", type=positive_int, default=50_000,
                            help="instances per assignment task")
     recluster.add_argument("--scheduler", help="address of a dask.distributed scheduler "
                                                "(default: a local cluster)")
-    recluster.add_argument("--workers", type=int, help="local Dask worker processes "
+    recluster.add_argument("--workers", type=positive_int, help="local Dask worker processes "
                                                        "(default: one per CPU)")
     recluster.add_argument("--seed", type=int, default=0)
-    recluster.add_argument("--keep-runs", type=int, default=3,
+    recluster.add_argument("--keep-runs", type=positive_int, default=3,
                            help="finished runs whose assignments are kept")
     recluster.add_argument("--force", action="store_true",
                            help="run even when nothing changed since the active run")
@@ -627,14 +903,18 @@ def build_parser() -> argparse.ArgumentParser:
         "image-model", parents=[common],
         help="fit the two-layer dictionary pipeline on the stored image features, annotate "
              "every image (cluster, retrieval code) and make it the active image model")
-    image_model.add_argument("--clusters", type=int, default=15, help="k (Table 9: 15)")
-    image_model.add_argument("--max-iterations", type=int, default=15)
-    image_model.add_argument("--max-images", type=int, default=10_000,
+    image_model.add_argument("--clusters", type=positive_int, default=15, help="k (Table 9: 15)")
+    image_model.add_argument("--max-iterations", type=positive_int, default=15)
+    image_model.add_argument("--max-images", type=positive_int, default=10_000,
                              help="images the dictionaries are fitted on (a seeded sample)")
     image_model.add_argument("--pooling", choices=["max", "average"], default="max")
     image_model.add_argument("--no-layer2", action="store_true", help="ablation")
     image_model.add_argument("--no-reiteration", action="store_true", help="ablation")
     image_model.add_argument("--seed", type=int, default=0)
+    image_model.add_argument(
+        "--ranking", choices=["auto", "codes", "features"], default="auto",
+        help="what query / similar_images rank by: DDicCIR codes, pooled features, or (auto) "
+             "whichever ranks the fitted images better by their modality|body part tags")
     image_model.add_argument("--quiet", action="store_true")
     image_model.set_defaults(func=cmd_image_model)
 
@@ -643,15 +923,15 @@ def build_parser() -> argparse.ArgumentParser:
     target = query.add_mutually_exclusive_group(required=True)
     target.add_argument("file", nargs="?", help="a DICOM file")
     target.add_argument("--uid", help="a stored SOP Instance UID")
-    query.add_argument("--top", type=int, default=20)
+    query.add_argument("--top", type=positive_int, default=20)
     query.add_argument("--json", action="store_true")
     query.set_defaults(func=cmd_query)
 
     check = sub.add_parser("visual-check", parents=[common],
                            help="do tag clusters group similar-looking images? (method.md A.8: "
                                 "paired t-test against permuted labels)")
-    check.add_argument("--samples", type=int, default=10)
-    check.add_argument("--sample-size", type=int, help="default: all images / samples")
+    check.add_argument("--samples", type=_int_at_least(2), default=10)
+    check.add_argument("--sample-size", type=_int_at_least(2), help="default: all images / samples")
     check.add_argument("--seed", type=int, default=0)
     check.set_defaults(func=cmd_visual_check)
 
@@ -683,8 +963,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     setup_logging(settings)
     try:
+        _check_archive_exists(args, settings)
         return args.func(args)
-    except (ConfigError, VocabularyError) as exc:
+    except (ConfigError, VocabularyError, UserError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
