@@ -246,7 +246,8 @@ def _drain_tags(engine, name: str, vocabulary, batch: int, stop: threading.Event
 def _run_image_worker(settings: Settings, name: str, args: argparse.Namespace) -> int:
     from pipelines.backbone import WeightsMissingError, load_backbone
 
-    from .image_worker import ImageWorker, enqueue_missing, resolve_device
+    from .image_worker import (ImageWorker, enqueue_missing, requeue_missing_decoders,
+                               resolve_device)
 
     device = resolve_device(settings.image_device)
     try:
@@ -259,6 +260,10 @@ def _run_image_worker(settings: Settings, name: str, args: argparse.Namespace) -
         queued = enqueue_missing(database.engine)
         if queued:
             log.info("queued the image backlog", extra={"instances": queued})
+        requeued = requeue_missing_decoders(database.engine)
+        if requeued:
+            log.info("trying again the images that lacked a decoder",
+                     extra={"instances": requeued})
         with ImageWorker(database.engine, backbone, storage_root=settings.storage_path,
                          feature_store=settings.feature_store_path, name=name,
                          batch=args.batch or settings.image_batch,
@@ -272,8 +277,8 @@ def _run_image_worker(settings: Settings, name: str, args: argparse.Namespace) -
 
                 with progress(total=_pending(database.engine, "image"), desc="image features",
                               unit="image") as bar:
-                    while not stop.is_set() and (claimed := worker.run_once()):
-                        bar.update(claimed)
+                    # until nothing is pending: items waiting for a retry are waited for
+                    worker.drain(stop, bar.update)
             else:
                 worker.run(stop)
         print(json.dumps({"worker": name, **worker.stats}))
@@ -281,7 +286,9 @@ def _run_image_worker(settings: Settings, name: str, args: argparse.Namespace) -
 
 
 def cmd_train_backbone(args: argparse.Namespace) -> int:
-    from pipelines.backbone_training import train_backbone
+    import time
+
+    from pipelines.backbone_training import RadiologyAugment, train_backbone
 
     from .backbone_data import build_training_set
 
@@ -293,33 +300,73 @@ def cmd_train_backbone(args: argparse.Namespace) -> int:
             training = build_training_set(
                 database.engine, settings.storage_path, max_per_class=args.max_per_class,
                 min_per_class=args.min_per_class, size=args.size, seed=args.seed,
-                decode_workers=settings.image_decode_workers, progress=say)
+                group_by=args.group_by, decode_workers=settings.image_decode_workers,
+                progress=say)
         except ValueError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-    say(f"{len(training.labels):,} images, {len(training.classes)} tag clusters of run "
-        f"{training.tag_cluster_run} ({training.undecodable} not decodable"
-        + (f"; too few images: clusters {sorted(training.dropped_classes)}" if
-           training.dropped_classes else "") + ")")
+    merged = training.merged_classes
+    say(f"{len(training.labels):,} images in {len(set(training.groups)):,} groups "
+        f"({args.group_by}), {len(training.classes)} classes from the "
+        f"{len(training.cluster_sizes)} tag clusters of run {training.tag_cluster_run} "
+        f"({training.undecodable} not decodable"
+        + (f"; {len(merged)} clusters under {args.min_per_class} images merged into the one "
+           f"with the nearest medoid: " + ", ".join(
+               f"{small}->{kept}" for small, kept in sorted(merged.items())) if merged else "")
+        + ")")
     from .progress import counts_callback, progress
 
-    with progress(total=args.epochs, desc="train-backbone", unit="epoch") as bar:
-        epochs_done = counts_callback(bar)
+    stop = _stop_on_signals()
+    with progress(total=args.epochs, desc="train-backbone", unit="batch") as bar:
+        batches_done = counts_callback(bar)
+        last_line = [0.0]
+
+        def batch_done(record: dict) -> None:
+            batches_done((record["epoch"] - 1) * record["batches"] + record["batch"],
+                         args.epochs * record["batches"])
+            now = time.monotonic()
+            if record["batch"] == 1 or now - last_line[0] >= 30:
+                last_line[0] = now
+                say("epoch {epoch} batch {batch}/{batches}: loss {loss:.3f}, "
+                    "{images_per_second:.1f} images/s".format(**record))
 
         def epoch_done(record: dict) -> None:
-            say("epoch {epoch}: train loss {train_loss:.3f}, val accuracy {val_accuracy:.3f}"
+            say("epoch {epoch}: train loss {train_loss:.3f}, val accuracy {val_accuracy:.3f}, "
+                "balanced {val_balanced_accuracy:.3f}, {train_images_per_second:.1f} images/s"
                 .format(**record))
-            epochs_done(record["epoch"], args.epochs)
 
-        result = train_backbone(
-            training.dataset, training.labels, classes=training.classes, checkpoint_dir=out,
-            tag_cluster_run=training.tag_cluster_run, epochs=args.epochs,
-            batch_size=args.batch_size, val_fraction=args.val_fraction, patience=args.patience,
-            device=None if settings.image_device == "auto" else settings.image_device,
-            seed=args.seed, resume=not args.restart, progress=epoch_done)
-    print(f"best held-out accuracy {result.best_val_accuracy:.3f} at epoch {result.best_epoch} "
-          f"of {result.epochs_run}{' (stopped early)' if result.stopped_early else ''}; "
-          f"weights: {result.checkpoint_path}")
+        try:
+            result = train_backbone(
+                training.dataset, training.labels, classes=training.classes,
+                groups=None if args.group_by == "image" else training.groups,
+                checkpoint_dir=out, tag_cluster_run=training.tag_cluster_run,
+                epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                warmup_epochs=args.warmup_epochs, val_fraction=args.val_fraction,
+                min_val_images=args.min_val_images, patience=args.patience,
+                augment=None if args.no_augment else RadiologyAugment(),
+                device=None if settings.image_device == "auto" else settings.image_device,
+                precision=args.precision, seed=args.seed, resume=not args.restart,
+                extra_metadata={"merged_classes": {str(k): v for k, v in merged.items()},
+                                "group_by": args.group_by},
+                progress=epoch_done, batch_progress=batch_done, stop=stop)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    if result.interrupted:
+        print(f"interrupted: {out / 'last.pt'} holds the position; run the same command again "
+              f"to continue", file=sys.stderr)
+        return 130
+    print(f"best held-out accuracy {result.best_val_accuracy:.3f}, balanced accuracy "
+          f"{result.best_val_balanced_accuracy:.3f} at epoch {result.best_epoch} of "
+          f"{result.epochs_run}{' (stopped early)' if result.stopped_early else ''}; "
+          f"{result.n_val:,} held-out images, split by {args.group_by}")
+    if result.best_epoch:
+        for cluster, accuracy, support in zip(
+                training.classes, result.best_val_per_class_accuracy,
+                result.history[result.best_epoch - 1]["val_support"]):
+            shown = "no held-out image" if accuracy is None else f"{accuracy:.3f}"
+            print(f"  tag cluster {cluster}: {shown} ({support} held out)")
+    print(f"weights: {result.checkpoint_path}")
     print(f"use them: PACS_IMAGE_WEIGHTS={result.checkpoint_path}")
     return 0
 
@@ -354,7 +401,7 @@ def cmd_query(args: argparse.Namespace) -> int:
 
     from pipelines.pixels import NotAnImage, PixelDecodeError
 
-    from .image_annotation import SimilarImages
+    from .image_annotation import SimilarImages, query_identity
     from .image_worker import resolve_device
 
     settings = _settings(args)
@@ -367,7 +414,10 @@ def cmd_query(args: argparse.Namespace) -> int:
                 clusters, codes = similar.code_of(args.uid)
             else:  # through the active model's backbone; PACS_IMAGE_WEIGHTS must match it
                 clusters, codes = similar.code_file(args.file, settings.image_weights)
-            ranked = similar.rank(clusters, codes, args.top, exclude=args.uid)[0]
+            # never the query itself (a stored file included); its study/patient on request
+            exclude = similar.same_case_uids(args.exclude,
+                                             **query_identity(args.uid, args.file))
+            ranked = similar.rank(clusters, codes, args.top, exclude=exclude)[0]
         except (KeyError, ValueError, FileNotFoundError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
@@ -781,11 +831,25 @@ def build_parser() -> argparse.ArgumentParser:
                        help="checkpoint folder (best.pt, last.pt); training resumes from it")
     train.add_argument("--epochs", type=positive_int, default=30)
     train.add_argument("--batch-size", type=_int_at_least(2), default=32)
+    train.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW)")
+    train.add_argument("--warmup-epochs", type=float, default=1.0,
+                       help="linear warm-up before the cosine decay")
     train.add_argument("--val-fraction", type=_share(low_open=True, high_open=True), default=0.2)
+    train.add_argument("--group-by", choices=["patient", "study", "image"], default="patient",
+                       help="the held-out split keeps each patient (or study) on one side")
+    train.add_argument("--min-val-images", type=positive_int, default=30,
+                       help="refuse when the held-out set would be smaller")
     train.add_argument("--patience", type=positive_int, default=5)
     train.add_argument("--max-per-class", type=positive_int, default=2000)
-    train.add_argument("--min-per-class", type=positive_int, default=10)
-    train.add_argument("--size", type=positive_int, default=224, help="input size in pixels")
+    train.add_argument("--min-per-class", type=positive_int, default=10,
+                       help="smaller tag clusters join the one with the nearest medoid")
+    train.add_argument("--size", type=_int_at_least(32), default=128,
+                       help="training resolution in pixels (the image worker may extract "
+                            "features at another size)")
+    train.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
+                       default="auto", help="auto: bf16 where the device has it natively")
+    train.add_argument("--no-augment", action="store_true",
+                       help="no crops, rotations, window or intensity jitter")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--restart", action="store_true", help="do not resume from --out")
     train.set_defaults(func=cmd_train_backbone)
@@ -924,6 +988,10 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("file", nargs="?", help="a DICOM file")
     target.add_argument("--uid", help="a stored SOP Instance UID")
     query.add_argument("--top", type=positive_int, default=20)
+    query.add_argument("--exclude", choices=["none", "same-study", "same-patient"],
+                       default="same-study",
+                       help="leave out hits from the query's own study or patient (default "
+                            "same-study); the query itself is never a hit")
     query.add_argument("--json", action="store_true")
     query.set_defaults(func=cmd_query)
 

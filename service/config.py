@@ -46,6 +46,9 @@ class Settings:
     processes: int = field(default_factory=lambda: os.cpu_count() or 1)
     commit_batch_max: int = 128
     min_free_disk_mb: int = 1024
+    # reject invalid UIDs and C-STOREs that name another instance than their data set,
+    # instead of storing them with a tolerated_defects row (docs/ingest.md)
+    strict_ingest: bool = False
     queue_stages: tuple[str, ...] = ("tags",)
     tags_worker: bool = True
     tags_quiet_seconds: float = 1.0
@@ -61,7 +64,7 @@ class Settings:
     image_decode_workers: int = 0
     image_max_attempts: int = 3
     log_level: str = "INFO"
-    log_format: str = "json"
+    log_format: str = "text"  # the containers set json (Dockerfile, docker-compose.yml)
     network_timeout: float = 60.0
     acse_timeout: float = 30.0
     dimse_timeout: float = 60.0
@@ -141,6 +144,7 @@ ENV_VARS: dict[str, str] = {
     "PACS_PROCESSES": "processes",
     "PACS_COMMIT_BATCH_MAX": "commit_batch_max",
     "PACS_MIN_FREE_DISK_MB": "min_free_disk_mb",
+    "PACS_STRICT_INGEST": "strict_ingest",
     "PACS_QUEUE_STAGES": "queue_stages",
     "PACS_TAGS_WORKER": "tags_worker",
     "PACS_TAGS_QUIET_SECONDS": "tags_quiet_seconds",

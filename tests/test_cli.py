@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
@@ -16,6 +17,7 @@ import pytest
 
 from .conftest import REPO_ROOT, SHARED_DICOM
 from .dicom_client import associate, make_ct
+from .test_image_worker import weights  # noqa: F401  (fixture)
 
 CLI = [sys.executable, "-m", "service.cli"]
 
@@ -156,6 +158,7 @@ def test_reparse_parses_the_archive(tmp_path):
 
 def test_status_text_and_sql(tmp_path):
     data_dir = tmp_path / "data"
+    _run(["migrate"], _env(data_dir))  # a new archive: read-only commands refuse to make one
     text = _run(["status"], _env(data_dir)).stdout
     assert "received" in text and "work queue" in text
     rows = _run(["sql", "SELECT count(*) AS n FROM instances"], _env(data_dir)).stdout
@@ -223,3 +226,219 @@ def test_a_second_service_on_a_taken_port_refuses_to_start(tmp_path, processes):
     finally:
         assert server.stop() == 0
     assert _status(first_dir)["archive"]["instances"] == 15
+
+
+# ---------------------------------------------------------------- a CLI that speaks to a person
+
+def _person_env(tmp_path: Path, database_url: str | None = None, **extra: str) -> dict[str, str]:
+    """As a person runs it: no PACS_LOG_FORMAT (the default), optionally an external database."""
+    env = {k: v for k, v in _env(tmp_path / "data").items() if k != "PACS_LOG_FORMAT"}
+    if database_url:
+        env["DATABASE_URL"] = database_url
+    env.update(extra)
+    return env
+
+
+def _archive_folder(folder: Path, count: int = 12) -> Path:
+    """CT files of three body parts (three tag profiles) for import."""
+    folder.mkdir()
+    for number in range(count):
+        ds = make_ct()
+        ds.BodyPartExamined, ds.Manufacturer = [("HEAD", "SIEMENS"), ("KNEE", "FUJIFILM"),
+                                                ("CHEST", "Philips")][number % 3]
+        ds.save_as(folder / f"{number}.dcm", enforce_file_format=True)
+    return folder
+
+
+def _one_error_line(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1, result.stderr
+    return errors[0]
+
+
+def test_help_of_every_subcommand_shows_its_defaults():
+    from service.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert {"serve", "import", "recluster", "worker", "evaluate"} <= set(commands.choices)
+    for name, sub in commands.choices.items():
+        text = " ".join(sub.format_help().split())
+        for action in sub._actions:
+            if (not action.option_strings or action.default is None or action.default is False
+                    or action.default == argparse.SUPPRESS):
+                continue
+            assert (f"(default: {action.default})" in text  # or a help that names it
+                    or "default" in (action.help or "")), (name, action.option_strings)
+    worker = " ".join(commands.choices["worker"].format_help().split())
+    assert "--drain work through what is queued now" in worker
+    assert "(default: 30)" in " ".join(commands.choices["train-backbone"].format_help().split())
+
+
+@pytest.mark.parametrize("args, message", [
+    (["analyze", "--top", "-1"], "argument --top: must be at least 1, got -1"),
+    (["image-model", "--clusters", "0"], "argument --clusters: must be at least 1, got 0"),
+    (["analyze", "--unique-ratio", "2"], "argument --unique-ratio: must be in (0, 1], got 2"),
+    (["visual-check", "--samples", "1"], "argument --samples: must be at least 2, got 1"),
+])
+def test_bad_arguments_are_one_line_and_exit_2(tmp_path, args, message):
+    result = _run(args, _person_env(tmp_path), check=False)
+    line = _one_error_line(result)
+    assert line.startswith(f"pacs-annotate {args[0]}: error: {message}"), line
+    assert result.stderr.count("\n") == 1  # no usage block either
+
+
+def test_a_typo_in_sql_is_one_line_and_exit_2(tmp_path, database_url):
+    env = _person_env(tmp_path, database_url)
+    line = _one_error_line(_run(["sql", "SELEC count(*) FROM instances"], env, check=False))
+    assert line == 'error: sql: syntax error at or near "SELEC" (at character 1)'
+    line = _one_error_line(_run(["sql", "SELECT nonsense FROM instances"], env, check=False))
+    assert line == 'error: sql: column "nonsense" does not exist (at character 8)'
+
+
+def test_a_data_dir_without_an_archive_is_not_silently_created(tmp_path):
+    missing = tmp_path / "typo"
+    for command in (["status"], ["sql", "SELECT 1"], ["analyze"], ["recluster"]):
+        line = _one_error_line(_run(command + ["--data-dir", str(missing)],
+                                    _person_env(tmp_path), check=False))
+        assert f"data directory {missing} does not exist" in line and "--create" in line
+    assert not missing.exists()
+    created = _run(["status", "--data-dir", str(missing), "--create"], _person_env(tmp_path))
+    assert "received" in created.stdout
+    assert (missing / "pgdata").is_dir()
+
+
+def test_log_lines_are_readable_by_default_and_json_when_asked(tmp_path, database_url):
+    import re
+
+    env = _person_env(tmp_path, database_url)
+    text = _run(["status"], env).stderr.splitlines()
+    assert text and all(re.match(r"\d\d:\d\d:\d\d (INFO|WARNING|ERROR) ", line)
+                        for line in text), text
+    assert any(" database ready " in line for line in text)
+    for args in (["--log-format", "json", "status"], ["status", "--log-format", "json"]):
+        lines = _run(args, env).stderr.splitlines()
+        assert lines and [json.loads(line)["level"] for line in lines]
+    assert "database ready" in _run(["status"], {**env, "PACS_LOG_FORMAT": "json"}).stderr
+
+
+def _on_a_terminal(args: list[str], env: dict[str, str]) -> tuple[int, str]:
+    """Run with stderr on a pseudo-terminal, as at a person's shell; returns (rc, stderr)."""
+    import pty
+    import threading
+
+    import fcntl
+    import struct
+    import termios
+
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
+    chunks: list[bytes] = []
+
+    def read() -> None:
+        while True:
+            try:
+                data = os.read(leader, 4096)
+            except OSError:  # the follower side closed
+                return
+            if not data:
+                return
+            chunks.append(data)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    process = subprocess.run(CLI + args, env=env, cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
+                             stderr=follower, timeout=300)
+    os.close(follower)
+    reader.join(timeout=10)
+    os.close(leader)
+    return process.returncode, b"".join(chunks).decode("utf-8", "replace")
+
+
+def test_long_jobs_draw_a_bar_on_a_terminal_only(tmp_path, database_url):
+    source = _archive_folder(tmp_path / "in", count=6)
+    env = _person_env(tmp_path, database_url)
+    rc, terminal = _on_a_terminal(["import", str(source)], env)
+    assert rc == 0
+    assert "import: 100%" in terminal and "6/6" in terminal and "file/s]" in terminal
+
+    again = _run(["import", str(source)], env)  # stderr is a pipe here: no bar
+    assert "file/s" not in again.stderr and "\r" not in again.stderr
+    assert "duplicate 6" in again.stdout
+
+    # the tags queue drained with a bar; before, --drain was for the image stage only
+    rc, terminal = _on_a_terminal(["worker", "--stage", "tags", "--drain"], env)
+    assert rc == 0 and "tags: 100%" in terminal and "6/6" in terminal
+    assert _run(["worker", "--stage", "tags", "--drain"], env).stdout.strip() == \
+        "0 instances parsed"
+
+
+def test_recluster_prints_each_step_once_and_no_dask_chatter(tmp_path, database_url):
+    env = _person_env(tmp_path, database_url)
+    _run(["import", str(_archive_folder(tmp_path / "in")), "--quiet"], env)
+    _run(["reparse", "--quiet"], env)
+    result = _run(["recluster", "--candidates", "2,3", "--workers", "1"], env)
+    assert "now active" in result.stdout
+    lines = result.stderr.splitlines()
+    steps = [line.split(" ", 2)[2] for line in lines]  # without time and level
+    assert len(steps) == len(set(steps)), result.stderr  # nothing printed twice
+    assert any("partitions assigned" in step for step in steps)
+    for chatter in ("Scheduler", "Nanny", "worker compute stream", "dashboard", "Register"):
+        assert chatter not in result.stderr, result.stderr
+    assert len(lines) < 15, result.stderr
+
+
+def test_visual_check_with_a_backbone_trained_on_the_tested_run_warns(
+        engine, tmp_path, weights, settings, monkeypatch, capsys, caplog,  # noqa: F811
+        database_url):
+    """A backbone trained to predict the tag clusters of run N separates run N's clusters by
+    construction: the t-test on its features is circular and the output must say so."""
+    import torch
+
+    from pipelines.backbone import CHECKPOINT_FORMAT, load_backbone
+    from service import features, tag_clusters
+    from service.cli import main
+    from service.image_worker import ImageWorker, enqueue_missing
+
+    from .dicom_client import ingest_datasets
+    from .test_image_annotation import _images
+    from .test_image_worker import SIZE
+    from .test_tag_clusters import _options
+
+    datasets, kind_of = _images(["disk", "stripes", "noise"] * 8, seed=3)
+    for number, ds in enumerate(datasets):
+        ds.BodyPartExamined = {"disk": "HEAD", "stripes": "KNEE",
+                               "noise": "CHEST"}[kind_of[ds.SOPInstanceUID]]
+        ds.TableHeight = str(100 + number % 4)
+    storage = tmp_path / "storage"
+    ingest_datasets(engine, storage, datasets)
+    while features.process_queue_batch(engine, "test"):
+        pass
+    run_id = tag_clusters.recluster(engine, database_url, _options(candidates=(2, 3))).run_id
+    # a train-backbone checkpoint of that run (its format; training itself is tested elsewhere)
+    checkpoint = tmp_path / "best.pt"
+    torch.save({"format": CHECKPOINT_FORMAT, "model_state": torch.load(weights),
+                "metadata": {"tag_cluster_run": run_id}}, checkpoint)
+    enqueue_missing(engine)
+    with ImageWorker(engine, load_backbone(checkpoint), storage_root=storage,
+                     feature_store=tmp_path / "features", name="test", image_size=SIZE,
+                     decode_workers=1, batch=32) as worker:
+        while worker.run_once():
+            pass
+
+    monkeypatch.setenv("DATABASE_URL", settings.database_url)
+    monkeypatch.setenv("PACS_IMAGE_WEIGHTS", str(checkpoint))
+    assert main(["visual-check", "--samples", "2", "--sample-size", "10"]) == 0
+    out = capsys.readouterr()
+    assert "warning: circular: the backbone that made these features" in out.out
+    assert f"tag-cluster run {run_id}, the run tested here" in out.out
+    assert "circular" in out.err  # and in the log
+
+    # the same features judged against another run are not flagged
+    run_2 = tag_clusters.recluster(engine, database_url,
+                                   _options(candidates=(2, 3), force=True)).run_id
+    assert run_2 != run_id
+    assert main(["visual-check", "--samples", "2", "--sample-size", "10"]) == 0
+    assert "circular" not in capsys.readouterr().out
