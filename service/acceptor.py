@@ -473,6 +473,10 @@ class Association:
             sop_instance = _ui(fields, 0x1000)
             if dataset is None:
                 status = STATUS_PROCESSING_FAILURE
+                log.warning("rejected instance %s from %s: C-STORE request without a data set",
+                            sop_instance or "(no SOP Instance UID)", self.calling_ae or "-",
+                            extra={"status": f"0x{status:04X}", "calling_ae": self.calling_ae,
+                                   "sop_instance_uid": sop_instance})
             else:
                 request = StoreRequest(
                     sop_class_uid=sop_class,
@@ -486,7 +490,10 @@ class Association:
                 try:
                     status = self.on_store(request)
                 except Exception:
-                    log.exception("store handler failed", extra={"sop_instance_uid": sop_instance})
+                    log.exception("store handler failed for instance %s from %s", sop_instance,
+                                  self.calling_ae or "-",
+                                  extra={"sop_instance_uid": sop_instance,
+                                         "calling_ae": self.calling_ae})
                     status = STATUS_PROCESSING_FAILURE
             self._respond(message.context_id, C_STORE_RSP, message_id, sop_class, status,
                           sop_instance)
@@ -505,9 +512,6 @@ class Association:
         self.sock.sendall(p_data_pdu(context_id, response_command(
             command_field, message_id, sop_class, status, sop_instance)))
 
-
-# ---------------------------------------------------------------- server
-
     def send_message(self, context_id: int, command: bytes, dataset: bytes | None = None) -> None:
         """Send a command set and its dataset, in P-DATA-TF PDUs no larger than the peer's
         maximum (for a handler in ``services``)."""
@@ -521,6 +525,9 @@ class Association:
             last = 0x02 if start + step >= len(dataset) else 0x00
             item = struct.pack(">IBB", len(fragment) + 2, context_id, last) + fragment
             self.sock.sendall(struct.pack(">BBI", P_DATA_TF_TYPE, 0, len(item)) + item)
+
+
+# ---------------------------------------------------------------- server
 
 
 class DicomServer:

@@ -32,6 +32,13 @@ pydicom_settings.reading_validation_mode = pydicom.config.IGNORE
 
 UID_PATTERN = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 MAX_UID_LENGTH = 64
+# Tolerant mode keeps an invalid UID as its raw text in SQL, where it is a key of a btree
+# index (at most ~2,700 bytes an entry); a value longer than this is rejected in any mode.
+MAX_TOLERATED_UID_LENGTH = 256
+
+# rules of the defects that tolerant mode lets through (tolerated_defects.rule)
+RULE_INVALID_UID = "invalid-uid"
+RULE_SOP_INSTANCE_MISMATCH = "sop-instance-mismatch"
 MAX_TEXT_LENGTH = 65536  # longer values are cut in the JSONB copy (the file keeps them whole)
 MAX_INLINE_BINARY = 256
 MAX_SEQUENCE_DEPTH = 8
@@ -63,12 +70,17 @@ _ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 
 
 class InvalidInstance(ValueError):
-    """The dataset cannot be indexed; ``status`` is the DICOM failure status to answer."""
+    """The dataset cannot be indexed; ``status`` is the DICOM failure status to answer.
 
-    def __init__(self, status: int, reason: str):
+    ``sop_instance_uid``: the data set's SOP Instance UID as read, where there was one,
+    so that the rejection can name the instance.
+    """
+
+    def __init__(self, status: int, reason: str, sop_instance_uid: str | None = None):
         super().__init__(reason)
         self.status = status
         self.reason = reason
+        self.sop_instance_uid = sop_instance_uid
 
 
 @dataclass(frozen=True)
@@ -79,6 +91,8 @@ class InstanceHeader:
     series_instance_uid: str
     transfer_syntax_uid: str
     tags: dict[str, Any]
+    # (rule, detail) of each defect tolerated while reading; empty for a valid instance
+    defects: tuple[tuple[str, str], ...] = ()
 
     def text(self, keyword: str) -> str | None:
         value = self.tags.get(keyword)
@@ -481,20 +495,42 @@ def read_tags_pydicom(encoded: bytes) -> tuple[dict[str, Any], str]:
 # ---------------------------------------------------------------- entry point
 
 
-def _require_uid(tags: dict[str, Any], keyword: str) -> str:
+def _raw_uid(tags: dict[str, Any], keyword: str) -> str | None:
+    """The element's single value, stripped of padding; None when missing or empty."""
     value = tags.get(keyword)
     if isinstance(value, list):
         value = value[0] if len(value) == 1 else None
     if not isinstance(value, str) or not value.strip("\x00 "):
+        return None
+    return value.strip("\x00 ")
+
+
+def _require_uid(tags: dict[str, Any], keyword: str,
+                 defects: list[tuple[str, str]] | None = None) -> str:
+    """The UID of ``keyword``; a malformed one is rejected, or, with a ``defects`` list
+    (tolerant mode), kept and noted there unless it is longer than
+    ``MAX_TOLERATED_UID_LENGTH``."""
+    value = _raw_uid(tags, keyword)
+    if value is None:
         raise InvalidInstance(STATUS_MISSING_UID, f"{keyword} is missing")
-    value = value.strip("\x00 ")
     if len(value) > MAX_UID_LENGTH or not UID_PATTERN.match(value):
-        raise InvalidInstance(STATUS_MALFORMED_UID, f"{keyword} {value[:80]!r} is not a valid UID")
+        reason = f"{keyword} {value[:80]!r} is not a valid UID"
+        if defects is None or len(value) > MAX_TOLERATED_UID_LENGTH:
+            if defects is not None:
+                reason += f" (longer than {MAX_TOLERATED_UID_LENGTH} characters)"
+            raise InvalidInstance(STATUS_MALFORMED_UID, reason)
+        defects.append((RULE_INVALID_UID, reason))
     return value
 
 
-def read_header(encoded: bytes) -> InstanceHeader:
-    """Parse a DICOM Part 10 byte string (preamble, file meta, dataset) up to the pixels."""
+def read_header(encoded: bytes, *, tolerate_invalid_uids: bool = False) -> InstanceHeader:
+    """Parse a DICOM Part 10 byte string (preamble, file meta, dataset) up to the pixels.
+
+    ``tolerate_invalid_uids``: SOP Instance, SOP Class, Study and Series Instance UIDs
+    that are present but not valid UIDs (``REM SAMPLES 1``) are kept as read, each noted
+    in :attr:`InstanceHeader.defects`, instead of rejected (as dcmtk's ``storescp`` and
+    Orthanc keep them).  Missing UIDs are rejected either way.
+    """
     try:
         tags, transfer_syntax = read_tags_direct(encoded)
     except _Truncated as exc:
@@ -507,15 +543,24 @@ def read_header(encoded: bytes) -> InstanceHeader:
     if not tags:
         raise InvalidInstance(STATUS_UNDECODABLE, "no data elements could be read")
     if not transfer_syntax:
-        raise InvalidInstance(STATUS_UNDECODABLE, "no transfer syntax in file meta")
-    return InstanceHeader(
-        sop_instance_uid=_require_uid(tags, "SOPInstanceUID"),
-        sop_class_uid=_require_uid(tags, "SOPClassUID"),
-        study_instance_uid=_require_uid(tags, "StudyInstanceUID"),
-        series_instance_uid=_require_uid(tags, "SeriesInstanceUID"),
-        transfer_syntax_uid=transfer_syntax,
-        tags=tags,
-    )
+        raise InvalidInstance(STATUS_UNDECODABLE, "no transfer syntax in file meta",
+                              _raw_uid(tags, "SOPInstanceUID"))
+    defects: list[tuple[str, str]] | None = [] if tolerate_invalid_uids else None
+    try:
+        header = InstanceHeader(
+            sop_instance_uid=_require_uid(tags, "SOPInstanceUID", defects),
+            sop_class_uid=_require_uid(tags, "SOPClassUID", defects),
+            study_instance_uid=_require_uid(tags, "StudyInstanceUID", defects),
+            series_instance_uid=_require_uid(tags, "SeriesInstanceUID", defects),
+            transfer_syntax_uid=transfer_syntax,
+            tags=tags,
+            defects=tuple(defects) if defects else (),
+        )
+    except InvalidInstance as exc:
+        raw = _raw_uid(tags, "SOPInstanceUID")
+        exc.sop_instance_uid = raw[:MAX_TOLERATED_UID_LENGTH] if raw else None
+        raise
+    return header
 
 
 # ---------------------------------------------------------------- file meta
@@ -555,3 +600,38 @@ def encode_part10(
         body += _meta_element(0x00020016, b"AE", source_ae_title.strip().encode("ascii", "replace"))
     group_length = struct.pack("<HH", 2, 0) + b"UL" + struct.pack("<HI", 4, len(body))
     return b"".join([b"\x00" * 128, b"DICM", group_length, body, dataset])
+
+
+def with_media_storage_sop_instance_uid(encoded: bytes, sop_instance_uid: str) -> bytes:
+    """The same Part 10 file with (0002,0003) Media Storage SOP Instance UID replaced (or
+    added) and the group length recomputed; the data set is untouched.
+
+    For a C-STORE whose request named another instance than its data set (tolerant mode
+    keeps it under the data set's UID): the file meta must name what the file holds.
+    """
+    meta, pos = _meta_elements(encoded)
+    meta[0x00020003] = _meta_element(0x00020003, b"UI",
+                                     sop_instance_uid.encode("ascii", "replace"))
+    meta.pop(0x00020000, None)
+    body = b"".join(meta[tag] for tag in sorted(meta))
+    group_length = struct.pack("<HH", 2, 0) + b"UL" + struct.pack("<HI", 4, len(body))
+    return b"".join([encoded[:132], group_length, body, encoded[pos:]])
+
+
+def _meta_elements(encoded: bytes) -> tuple[dict[int, bytes], int]:
+    """Tag -> encoded element of each File Meta Information element, and where the data
+    set starts."""
+    if len(encoded) < 132 or encoded[128:132] != b"DICM":
+        raise ValueError("no DICOM preamble")
+    reader = _LittleEndianReader(encoded, implicit=False)
+    elements: dict[int, bytes] = {}
+    pos = 132
+    while pos + 8 <= len(encoded):
+        if struct.unpack_from("<H", encoded, pos)[0] != 0x0002:
+            break
+        tag, _, length, value_pos = reader._header(pos, False)
+        if length == _UNDEFINED or value_pos + length > len(encoded):
+            raise ValueError("bad file meta")
+        elements[tag] = encoded[pos:value_pos + length]
+        pos = value_pos + length
+    return elements, pos

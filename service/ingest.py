@@ -27,14 +27,16 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError
 
 from .dicom_header import (
+    RULE_SOP_INSTANCE_MISMATCH,
     STATUS_DATASET_MISMATCH,
     STATUS_OUT_OF_RESOURCES,
     InstanceHeader,
     InvalidInstance,
     read_header,
+    with_media_storage_sop_instance_uid,
 )
 from .driver_connection import DriverConnection, PreparedStatement
-from .storage import FileStore, PendingFile, relative_path
+from .storage import FileStore, PendingFile, relative_path, safe_relative_path
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +116,13 @@ WITH inserted AS (
 )
 SELECT sop_instance_uid FROM inserted
 """)
+# the defects tolerant mode let through, for the instances of a batch that have any (rare:
+# a normal instance writes no row here and costs the batch one attribute test)
+_INSERT_DEFECTS = """
+INSERT INTO tolerated_defects (sop_instance_uid, rule, detail, calling_ae_title, called_ae_title)
+SELECT * FROM unnest(CAST(%(sop)s AS text[]), CAST(%(rule)s AS text[]), CAST(%(detail)s AS text[]),
+                     CAST(%(calling)s AS text[]), CAST(%(called)s AS text[]))
+"""
 # msgspec: 6 us against the json module's 50 us for one CT_small row (benchmarks/ingest)
 _ROWS_ENCODER = msgspec.json.Encoder()
 _HASHES_BY_PATH = (
@@ -128,6 +137,8 @@ class StoreOutcome:
     result: str  # stored | duplicate | rejected | failed
     sop_instance_uid: str | None = None
     reason: str | None = None
+    # (rule, detail) of each defect tolerated to store it
+    defects: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass
@@ -138,6 +149,7 @@ class _Record:
     sha256: str
     calling_ae: str | None
     called_ae: str | None
+    defects: tuple[tuple[str, str], ...] = ()
     # -> PendingFile once the file is durable in place, or the OSError that prevented it
     placed: Future = field(default_factory=Future)
     result: str | None = None  # stored | duplicate, once its transaction committed
@@ -241,9 +253,14 @@ class Ingestor:
         batch_max: int = 128,
         node: str | None = None,
         stats_interval: float = 1.0,
+        strict: bool = False,
     ):
+        """``strict``: reject what tolerant mode (the default) stores with a recorded
+        defect: UIDs that are not valid UIDs, and a C-STORE whose Affected SOP Instance
+        UID differs from its data set's (docs/ingest.md, "Tolerated defects")."""
         self.engine = engine
         self.store = store
+        self.strict = strict
         self.stages = list(stages)
         self.batch_max = batch_max
         self.node = node or f"{socket.gethostname()}:{os.getpid()}"
@@ -315,8 +332,13 @@ class Ingestor:
         called_ae: str | None = None,
         expected_sop_instance_uid: str | None = None,
         expected_sop_class_uid: str | None = None,
+        source: str | None = None,
     ) -> StoreOutcome:
-        """Store one DICOM Part 10 byte string; returns once it is durable (or rejected)."""
+        """Store one DICOM Part 10 byte string; returns once it is durable (or rejected).
+
+        ``source`` (a file name, for ``import``) names the instance in log lines when its
+        SOP Instance UID cannot be read.
+        """
         self._count(received=1)
         if self._stopping:
             self._count(rejected=1)
@@ -329,32 +351,62 @@ class Ingestor:
             temp = self.store.write_temp(encoded)
         except OSError as exc:
             write_error = exc
+        mismatch = False
         try:
-            header = read_header(encoded)
+            header = read_header(encoded, tolerate_invalid_uids=not self.strict)
             if expected_sop_instance_uid and expected_sop_instance_uid != header.sop_instance_uid:
-                raise InvalidInstance(
-                    STATUS_DATASET_MISMATCH,
-                    f"dataset SOPInstanceUID {header.sop_instance_uid} differs from the request's "
-                    f"{expected_sop_instance_uid}",
-                )
+                if self.strict:
+                    raise InvalidInstance(
+                        STATUS_DATASET_MISMATCH,
+                        f"dataset SOPInstanceUID {header.sop_instance_uid} differs from the "
+                        f"request's {expected_sop_instance_uid}", header.sop_instance_uid)
+                mismatch = True
+            # the SOP class chose the presentation context: a data set of another class is
+            # not what the association negotiated, in either mode
             if expected_sop_class_uid and expected_sop_class_uid != header.sop_class_uid:
                 raise InvalidInstance(
                     STATUS_DATASET_MISMATCH,
                     f"dataset SOPClassUID {header.sop_class_uid} differs from the request's "
-                    f"{expected_sop_class_uid}",
-                )
+                    f"{expected_sop_class_uid}", header.sop_instance_uid)
         except InvalidInstance as exc:
             if temp is not None:
                 self.store.discard_temp(temp)
             self._count(rejected=1)
-            log.warning("rejected instance: %s", exc.reason,
-                        extra={"status": f"0x{exc.status:04X}", "calling_ae": calling_ae})
-            return StoreOutcome(exc.status, "rejected", None, exc.reason)
+            sop = exc.sop_instance_uid or expected_sop_instance_uid
+            log.warning("rejected instance %s from %s: %s",
+                        sop or source or "(no SOP Instance UID)", calling_ae or "-", exc.reason,
+                        extra={"status": f"0x{exc.status:04X}", "calling_ae": calling_ae,
+                               "sop_instance_uid": sop, "file": source})
+            return StoreOutcome(exc.status, "rejected", sop, exc.reason)
 
         sop = header.sop_instance_uid
-        relative = relative_path(header.study_instance_uid, header.series_instance_uid, sop)
+        defects = header.defects
+        if mismatch:
+            defects += ((RULE_SOP_INSTANCE_MISMATCH,
+                         f"C-STORE Affected SOP Instance UID {expected_sop_instance_uid!r} "
+                         f"differs from the data set's SOPInstanceUID {sop!r}; kept under the "
+                         "data set's"),)
+            # the file meta names what the file holds, not what the request said
+            encoded = with_media_storage_sop_instance_uid(encoded, sop)
+            if temp is not None:
+                self.store.discard_temp(temp)
+                temp = None
+                try:
+                    temp = self.store.write_temp(encoded)
+                except OSError as exc:
+                    write_error = exc
+        if defects:
+            relative = safe_relative_path(header.study_instance_uid, header.series_instance_uid,
+                                          sop)
+            for rule, detail in defects:
+                log.warning("tolerated %s in instance %s from %s: %s", rule, sop,
+                            calling_ae or "-", detail,
+                            extra={"rule": rule, "calling_ae": calling_ae,
+                                   "sop_instance_uid": sop, "file": source})
+        else:
+            relative = relative_path(header.study_instance_uid, header.series_instance_uid, sop)
         if temp is None:
-            return self._storage_failed(sop, write_error)
+            return self._storage_failed(sop, write_error, calling_ae)
         record = _Record(
             header=header,
             relative=relative,
@@ -362,6 +414,7 @@ class Ingestor:
             sha256=hashlib.sha256(encoded).hexdigest(),
             calling_ae=calling_ae,
             called_ae=called_ae,
+            defects=defects,
         )
         # the committer inserts the row while this thread flushes the file; it commits
         # only after both
@@ -379,7 +432,7 @@ class Ingestor:
         try:
             result = self._wait(record)
         except StorageFailure as exc:
-            return self._storage_failed(sop, exc.error)
+            return self._storage_failed(sop, exc.error, calling_ae)
         except Exception as exc:
             # the transaction may or may not have committed: the pending file is settled
             # against the database once it answers again (also at every start-up)
@@ -392,8 +445,9 @@ class Ingestor:
                     self._unresolved.append(pending)
             self._count(rejected=1)
             reason = f"database: {getattr(exc, 'orig', exc) or exc}"
-            log.error("cannot index instance: %s", reason, extra={"sop_instance_uid": sop})
-            return StoreOutcome(STATUS_OUT_OF_RESOURCES, "failed", sop, reason)
+            log.error("cannot index instance %s from %s: %s", sop, calling_ae or "-", reason,
+                      extra={"sop_instance_uid": sop, "calling_ae": calling_ae})
+            return StoreOutcome(STATUS_OUT_OF_RESOURCES, "failed", sop, reason, defects)
         pending = record.placed.result()
         try:
             if result == "stored":
@@ -407,11 +461,12 @@ class Ingestor:
             # the row is committed and the file is linked in place; only the
             # temp name is left, which start-up settles
             log.warning("could not finish file placement: %s", exc, extra={"sop_instance_uid": sop})
-        return StoreOutcome(SUCCESS, result, sop)
+        return StoreOutcome(SUCCESS, result, sop, None, defects)
 
-    def _storage_failed(self, sop: str, exc: OSError) -> StoreOutcome:
+    def _storage_failed(self, sop: str, exc: OSError, calling_ae: str | None) -> StoreOutcome:
         self._count(rejected=1)
-        log.error("cannot write instance file: %s", exc, extra={"sop_instance_uid": sop})
+        log.error("cannot write instance file %s from %s: %s", sop, calling_ae or "-", exc,
+                  extra={"sop_instance_uid": sop, "calling_ae": calling_ae})
         return StoreOutcome(STATUS_OUT_OF_RESOURCES, "failed", sop, f"storage: {exc}")
 
     def _wait(self, record: _Record) -> str:
@@ -508,6 +563,9 @@ class Ingestor:
                     new_studies = self._ensure_studies(conn, records, patients)
                     new_series = self._ensure_series(conn, records)
                 inserted = self._insert_instances(conn, records)
+                defective = [r for r in records if r.defects]
+                if defective:
+                    self._insert_defects(conn, defective, inserted)
                 # the rows commit only once every file of the batch is durable in place
                 failed = _placement_errors(batch)
                 if failed:
@@ -643,6 +701,19 @@ class Ingestor:
             self._restore_unflushed(deltas)
             raise
         return inserted
+
+    @staticmethod
+    def _insert_defects(conn: DriverConnection, records: list[_Record],
+                        inserted: set[str]) -> None:
+        """The defects of the newly stored instances, in their transaction (a duplicate's
+        were recorded with the instance it duplicates, if it had any)."""
+        rows = [(r.header.sop_instance_uid, rule, detail, r.calling_ae, r.called_ae)
+                for r in records if r.header.sop_instance_uid in inserted
+                for rule, detail in r.defects]
+        if rows:
+            sop, rule, detail, calling, called = (list(column) for column in zip(*rows))
+            conn.execute(_INSERT_DEFECTS, {"sop": sop, "rule": rule, "detail": detail,
+                                           "calling": calling, "called": called})
 
     # -- counters and recovery
 

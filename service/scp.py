@@ -33,7 +33,7 @@ def ingestor_for(settings: Settings, engine: Any, *, stores: bool = True) -> Ing
 
     store = FileStore(settings.storage_path, spare_files=SPARE_FILES if stores else 0)
     return Ingestor(engine, store, stages=settings.queue_stages,
-                    batch_max=settings.commit_batch_max)
+                    batch_max=settings.commit_batch_max, strict=settings.strict_ingest)
 
 
 def handle_store(request: StoreRequest, ingestor: Ingestor) -> int:
@@ -47,7 +47,12 @@ def handle_store(request: StoreRequest, ingestor: Ingestor) -> int:
             source_ae_title=request.calling_ae_title,
         )
     except (UnicodeError, ValueError) as exc:
-        log.warning("rejected instance: cannot frame the received dataset: %s", exc)
+        log.warning("rejected instance %s from %s: cannot frame the received dataset: %s",
+                    request.sop_instance_uid or "(no SOP Instance UID)",
+                    request.calling_ae_title or "-", exc,
+                    extra={"status": f"0x{STATUS_UNDECODABLE:04X}",
+                           "calling_ae": request.calling_ae_title,
+                           "sop_instance_uid": request.sop_instance_uid})
         return STATUS_UNDECODABLE
     outcome = ingestor.ingest(
         encoded,

@@ -21,6 +21,9 @@ _ARCHIVE = sa.text(
            (SELECT coalesce(sum(file_size), 0) FROM instances)
     """
 )
+_DEFECTS = sa.text(
+    "SELECT rule, count(*) FROM tolerated_defects GROUP BY rule ORDER BY rule"
+)
 _QUEUE = sa.text(
     "SELECT stage, status, count(*) FROM work_queue GROUP BY stage, status ORDER BY stage, status"
 )
@@ -33,6 +36,7 @@ def collect_status(engine: Engine) -> dict[str, Any]:
         queue: dict[str, dict[str, int]] = {}
         for stage, status, count in conn.execute(_QUEUE):
             queue.setdefault(stage, {})[status] = count
+        defects = {rule: int(count) for rule, count in conn.execute(_DEFECTS)}
     return {
         "counters": {
             "received": int(received), "stored": int(stored), "duplicates": int(duplicates),
@@ -44,6 +48,8 @@ def collect_status(engine: Engine) -> dict[str, Any]:
             "instances": instances, "bytes": int(archive_bytes),
         },
         "queue": queue,
+        # stored instances that tolerant ingest let through, by rule (table tolerated_defects)
+        "tolerated_defects": defects,
     }
 
 
@@ -60,8 +66,13 @@ def format_status(status: dict[str, Any]) -> str:
         "archive",
         f"  patients {a['patients']:,}  studies {a['studies']:,}  series {a['series']:,}  "
         f"instances {a['instances']:,}  ({a['bytes'] / 1e6:,.1f} MB)",
-        "work queue",
+        "tolerated defects (stored anyway; rows in tolerated_defects)",
     ]
+    if not status["tolerated_defects"]:
+        lines.append("  (none)")
+    for rule, count in status["tolerated_defects"].items():
+        lines.append(f"  {rule:<22} {count:>8,}")
+    lines.append("work queue")
     if not status["queue"]:
         lines.append("  (empty)")
     for stage, counts in status["queue"].items():

@@ -25,6 +25,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import re
 import secrets
 import struct
 import sys
@@ -49,10 +50,38 @@ def relative_path(study_uid: str, series_uid: str, sop_uid: str) -> str:
     """Where an instance lives under the storage root.
 
     UIDs must already be validated (digits and dots only), so the result cannot
-    escape the root.  The 2-hex-digit prefix spreads studies over 256 folders.
+    escape the root; :func:`safe_relative_path` is for UIDs that may not be.  The
+    2-hex-digit prefix spreads studies over 256 folders.
     """
     bucket = hashlib.blake2b(study_uid.encode(), digest_size=1).hexdigest()
     return f"{bucket}/{study_uid}/{series_uid}/{sop_uid}.dcm"
+
+
+_VALID_UID = re.compile(r"[0-9]+(\.[0-9]+)*")
+
+
+def path_component(uid: str) -> str:
+    """A file-name-safe stand-in for ``uid``: the UID itself when it is a valid one
+    (digits and dots, at most 64 characters), else ``x`` and 32 hex digits of its hash.
+
+    The derived name cannot collide with a valid UID (those never hold an ``x``), cannot
+    hold ``/``, ``..``, NUL or anything else a file system treats specially, and has a
+    fixed length; the raw value stays in SQL.
+    """
+    if len(uid) <= 64 and _VALID_UID.fullmatch(uid):
+        return uid
+    return "x" + hashlib.blake2b(uid.encode("utf-8", "surrogatepass"),
+                                 digest_size=16).hexdigest()
+
+
+def safe_relative_path(study_uid: str, series_uid: str, sop_uid: str) -> str:
+    """:func:`relative_path` for UIDs that may be invalid (tolerant ingest): each one that
+    is not a valid UID is replaced by :func:`path_component`.  The same as
+    :func:`relative_path` when all three are valid."""
+    bucket = hashlib.blake2b(study_uid.encode("utf-8", "surrogatepass"),
+                             digest_size=1).hexdigest()
+    return (f"{bucket}/{path_component(study_uid)}/{path_component(series_uid)}/"
+            f"{path_component(sop_uid)}.dcm")
 
 
 def _load_sync_file_range():

@@ -112,7 +112,8 @@ def leftover_temps(storage: Path) -> list[Path]:
 
 def _start_service(settings: Settings, engine: sa.Engine) -> Iterator[RunningService]:
     ingestor = Ingestor(engine, FileStore(settings.storage_path), stages=settings.queue_stages,
-                        batch_max=settings.commit_batch_max, stats_interval=0.2)
+                        batch_max=settings.commit_batch_max, stats_interval=0.2,
+                        strict=settings.strict_ingest)
     ingestor.start()
     server = start_listener(settings, ingestor, port=0)
     try:

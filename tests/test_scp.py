@@ -97,7 +97,9 @@ def test_duplicate_answers_success_and_keeps_the_first(service):
     ],
     ids=["no-study-uid", "no-series-uid", "letters-in-uid", "path-in-uid", "uid-too-long"],
 )
-def test_invalid_identifiers_fail_and_leave_nothing(service, mutate, status):
+def test_invalid_identifiers_fail_and_leave_nothing(service_factory, mutate, status):
+    # strict mode; tolerant mode (the default) stores malformed UIDs: test_tolerated_defects.py
+    service = service_factory(strict_ingest=True)
     ds = make_ct()
     mutate(ds)
     assoc = associate(service.port)
@@ -120,7 +122,9 @@ def test_undecodable_dataset_fails_and_leaves_nothing(service):
     assert instance_files(service) == []
 
 
-def test_dataset_that_contradicts_its_request_fails(service):
+def test_dataset_that_contradicts_its_request_fails(service_factory):
+    # strict mode; tolerant mode keeps the data set's UID: test_tolerated_defects.py
+    service = service_factory(strict_ingest=True)
     ds = make_ct()
     raw = RawAssociation(service.port)
     status = raw.store_bytes(encode_dataset(ds), sop_instance="1.2.3.999")
