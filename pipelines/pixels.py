@@ -190,6 +190,12 @@ class MissingDecoder(PixelDecodeError):
     """No installed plugin decodes this transfer syntax; :attr:`reason` names what to install."""
 
 
+class UnreadableDataset(PixelDecodeError):
+    """pydicom read no data element at all (an empty data set), so whether the file holds an
+    image is unknown: not :class:`NotAnImage`. Reading again gives the same; the worker
+    records :attr:`reason` and does not retry."""
+
+
 # --------------------------------------------------------------------------- pure maths
 
 
@@ -466,6 +472,11 @@ def check_is_image(ds: Dataset) -> None:
     Float Pixel Data or Double Float Pixel Data at the top level. A missing or unknown SOP
     Class UID with pixel data counts as an image.
     """
+    if not ds.keys():
+        size = _file_size(ds)
+        raise UnreadableDataset(
+            "pydicom read an empty data set" + (f" from a {size:,}-byte file" if size else "")
+            + ": its elements could not be parsed, so it is unknown whether it holds pixel data")
     sop_class = ds.get("SOPClassUID")
     if sop_class:
         name = uid.UID(str(sop_class)).name
@@ -475,6 +486,37 @@ def check_is_image(ds: Dataset) -> None:
     if not any(keyword in ds for keyword in _PIXEL_DATA_KEYWORDS):
         what = uid.UID(str(sop_class)).name if sop_class else "no SOP Class UID"
         raise NotAnImage(f"no pixel data ({what})")
+
+
+def _file_size(ds: Dataset) -> int | None:
+    filename = getattr(ds, "filename", None)
+    try:
+        return os.path.getsize(filename) if isinstance(filename, str) else None
+    except OSError:
+        return None
+
+
+def _lut_item(ds: Dataset, keyword: str) -> Dataset | None:
+    """The first item of a Modality or VOI LUT Sequence when it can be applied: a LUT
+    Descriptor of three values and LUT Data.
+
+    Some writers (LEADTOOLS-based ones; dwv's test files have them) put an item whose
+    LUT Descriptor and LUT Data are empty. Such an item maps nothing; PS3.3 C.11.1 and
+    C.11.2 then leave the Rescale and Window attributes, so it counts as absent (pydicom's
+    ``apply_modality_lut`` would fail on it with a TypeError).
+    """
+    items = ds.get(keyword)
+    if not items:
+        return None
+    item = items[0]
+    descriptor = item.get("LUTDescriptor")
+    data = item.get("LUTData")
+    try:
+        usable = descriptor is not None and len(descriptor) == 3 and data is not None \
+            and len(data) > 0
+    except TypeError:
+        usable = False
+    return item if usable else None
 
 
 def _transfer_syntax(ds: Dataset) -> uid.UID:
@@ -615,7 +657,7 @@ def _rescale(ds: Dataset, frame_index: int) -> tuple[float, float] | None:
     """(slope, intercept) of the modality transform, or None when a Modality LUT Sequence
     replaces it. Missing or unreadable values count as 1 and 0, and so does a slope of 0
     (invalid: it would flatten the image)."""
-    if ds.get("ModalityLUTSequence"):
+    if _lut_item(ds, "ModalityLUTSequence") is not None:
         return None
     slope = _first_number(
         _frame_value(ds, frame_index, "PixelValueTransformationSequence", "RescaleSlope"))
@@ -653,8 +695,7 @@ def _voi_to_unit(values: np.ndarray, stored: np.ndarray, ds: Dataset,
     if center is not None and width is not None and (
             width >= 1.0 if function == "LINEAR" else width > 0.0):
         return window_to_unit(values, center, width, function=function)  # type: ignore[arg-type]
-    if ds.get("VOILUTSequence"):
-        lut_item = ds.VOILUTSequence[0]
+    if (lut_item := _lut_item(ds, "VOILUTSequence")) is not None:
         bits = int(lut_item.LUTDescriptor[2])
         indices = np.rint(values).astype(np.int64)
         with warnings.catch_warnings():

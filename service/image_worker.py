@@ -51,11 +51,17 @@ class Decoded:
     image: np.ndarray | None = None  # (3, H, W) float32, normalised
     skipped: str | None = None  # not an image: why
     error: str | None = None  # could not decode: why (retried)
+    permanent: bool = False  # the error is not retried (no decoder, unreadable data set)
+
+
+# the last_error of an item failed for want of a decoder; requeue_missing_decoders finds them
+NEEDS_DECODER = "needs a decoder: "
 
 
 def decode_instance(claim: work_queue.Claim, path: str | None, size: int) -> Decoded:
     """Runs in a decode process: one stored file to a network input (pipelines.pixels)."""
-    from pipelines.pixels import NotAnImage, PixelDecodeError, file_to_image
+    from pipelines.pixels import (MissingDecoder, NotAnImage, PixelDecodeError,
+                                  UnreadableDataset, file_to_image)
 
     if path is None:
         return Decoded(claim, skipped="instance or file no longer stored")
@@ -63,6 +69,10 @@ def decode_instance(claim: work_queue.Claim, path: str | None, size: int) -> Dec
         return Decoded(claim, image=file_to_image(path, size=size))
     except NotAnImage as exc:
         return Decoded(claim, skipped=str(exc) or "not an image")
+    except MissingDecoder as exc:  # trying again cannot help until the package is installed
+        return Decoded(claim, error=f"{NEEDS_DECODER}{exc}", permanent=True)
+    except UnreadableDataset as exc:  # reading again gives the same
+        return Decoded(claim, error=f"cannot decode: {exc}", permanent=True)
     except PixelDecodeError as exc:
         return Decoded(claim, error=f"cannot decode: {exc}")
     except Exception as exc:  # a decoder bug must fail this item, not the worker
@@ -78,6 +88,17 @@ def enqueue_missing(engine: Engine) -> int:
             "FROM instances i WHERE NOT EXISTS (SELECT 1 FROM work_queue q WHERE q.stage = :stage "
             "AND q.sop_instance_uid = i.sop_instance_uid) ON CONFLICT DO NOTHING"),
             {"stage": STAGE}).rowcount
+
+
+def requeue_missing_decoders(engine: Engine) -> int:
+    """Give the items failed for want of a decoder one more try (a worker start: the
+    package may have been installed since); those still without one fail again at once."""
+    with engine.begin() as conn:
+        return conn.execute(sa.text(
+            "UPDATE work_queue SET status = 'pending', attempts = 0, available_at = now(), "
+            "updated_at = now() WHERE stage = :stage AND status = 'failed' "
+            "AND last_error LIKE :prefix"),
+            {"stage": STAGE, "prefix": NEEDS_DECODER + "%"}).rowcount
 
 
 _UPSERT = sa.text(
@@ -183,7 +204,7 @@ class ImageWorker:
         for d in decoded:
             if d.error is not None:
                 outcome = work_queue.fail(self.engine, d.claim.id, d.error,
-                                          max_attempts=self.max_attempts,
+                                          max_attempts=1 if d.permanent else self.max_attempts,
                                           backoff_seconds=self.retry_backoff)
                 self.stats["failed" if outcome == "failed" else "retried"] += 1
                 log.warning("image %s: %s (%s)", d.claim.sop_instance_uid, d.error, outcome)
@@ -197,6 +218,24 @@ class ImageWorker:
         if not claims:
             return 0
         return self._finish(self._submit(claims))
+
+    def drain(self, stop: threading.Event, on_batch=None) -> None:
+        """Until no item of the stage is pending (or ``stop`` is set): items waiting for a
+        retry are waited for, so every item ends done, skipped or failed.
+        ``on_batch(claimed)`` after each batch."""
+        while not stop.is_set():
+            claimed = self.run_once()
+            if claimed:
+                if on_batch is not None:
+                    on_batch(claimed)
+                continue
+            with self.engine.connect() as conn:
+                wait = conn.execute(sa.text(
+                    "SELECT EXTRACT(EPOCH FROM min(available_at) - now()) FROM work_queue "
+                    "WHERE stage = :stage AND status = 'pending'"), {"stage": STAGE}).scalar()
+            if wait is None:
+                return
+            stop.wait(min(max(float(wait), 0.05), self.idle_sleep * 20))
 
     # -- the loop --------------------------------------------------------------------
 

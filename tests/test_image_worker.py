@@ -12,15 +12,23 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 import sqlalchemy as sa
 import torch
+from pydicom.data import get_testdata_file
 
 from pipelines.backbone import build_densenet121, extract_features, load_backbone
 from pipelines.pixels import file_to_image
 from service import work_queue
 from service.feature_store import read_map
-from service.image_worker import STAGE, ImageWorker, enqueue_missing
+from service.image_worker import (
+    NEEDS_DECODER,
+    STAGE,
+    ImageWorker,
+    enqueue_missing,
+    requeue_missing_decoders,
+)
 
 from .dicom_client import ingest_datasets, make_ct
 
@@ -139,6 +147,37 @@ def test_a_poison_image_fails_after_its_tries_and_never_blocks(engine, tmp_path,
     assert error.startswith("cannot decode")
 
 
+def _queue(engine) -> dict[str, int]:
+    with engine.connect() as conn:
+        return dict(conn.execute(sa.text(
+            "SELECT status, count(*) FROM work_queue WHERE stage = 'image' GROUP BY 1")).all())
+
+
+def test_an_image_without_a_decoder_fails_at_once_until_the_next_start(engine, tmp_path,
+                                                                       weights):
+    """12-bit JPEG without the optional GPL plugin: retrying cannot help, so the item fails
+    on its first try (docs/images.md); a worker start gives it one more try."""
+    from pipelines.pixels import MissingDecoder
+
+    path = get_testdata_file("JPGExtended.dcm")
+    with pytest.raises(MissingDecoder):
+        file_to_image(path, size=SIZE)
+    storage = tmp_path / "storage"
+    ingest_datasets(engine, storage, [pydicom.dcmread(path)])
+    assert enqueue_missing(engine) == 1
+    with _worker(engine, weights, tmp_path, storage, max_attempts=3) as worker:
+        assert worker.run_once() == 1
+        assert worker.run_once() == 0
+        assert worker.stats == {"done": 0, "skipped": 0, "retried": 0, "failed": 1}
+    assert _queue(engine) == {"failed": 1}
+    with engine.connect() as conn:
+        error = conn.execute(sa.text(
+            "SELECT last_error FROM work_queue WHERE stage = 'image'")).scalar()
+    assert error.startswith(NEEDS_DECODER) and "pylibjpeg-libjpeg" in error
+    assert requeue_missing_decoders(engine) == 1
+    assert _queue(engine) == {"pending": 1}
+
+
 def test_a_killed_worker_loses_nothing(engine, tmp_path, archive, weights, database_url):
     storage, images, report, poison = archive
     code = (
@@ -189,6 +228,7 @@ def test_cli_worker_stage_image(engine, tmp_path, archive, weights, settings, mo
     monkeypatch.setenv("PACS_STORAGE_DIR", str(storage))
     monkeypatch.setenv("PACS_FEATURE_STORE_DIR", str(tmp_path / "features"))
     monkeypatch.setenv("PACS_IMAGE_DECODE_WORKERS", "1")
+    monkeypatch.setenv("PACS_IMAGE_MAX_ATTEMPTS", "2")
 
     assert main(["worker", "--stage", "image", "--drain"]) == 2
     err = capsys.readouterr().err
@@ -196,7 +236,11 @@ def test_cli_worker_stage_image(engine, tmp_path, archive, weights, settings, mo
 
     monkeypatch.setenv("PACS_IMAGE_WEIGHTS", str(weights))
     assert main(["worker", "--stage", "image", "--drain"]) == 0
-    assert '"done": 5' in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert '"done": 5' in out
+    # --drain waits for the poison image's retry (5 s backoff) instead of exiting before it
+    assert '"retried": 1' in out and '"failed": 1' in out
+    assert _queue(engine) == {"done": 6, "failed": 1}
     rows = _rows(engine)
     assert sum(r.status == "done" for r in rows.values()) == 5
     shard = next(r.map_shard for r in rows.values() if r.status == "done")

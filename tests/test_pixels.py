@@ -31,6 +31,7 @@ from pipelines.pixels import (
     MissingDecoder,
     NotAnImage,
     PixelDecodeError,
+    UnreadableDataset,
     dataset_to_frames,
     dataset_to_image,
     decode_frames,
@@ -134,6 +135,51 @@ def test_ramp_with_rescale_and_stored_window_matches_hand_formula():
                                  (255, 1.0)]:
         row, column = divmod(value, 16)
         np.testing.assert_allclose(out[:, row, column], _normalised(expected_unit), atol=2e-6)
+
+
+def _saved_and_read(ds: Dataset, path: Path) -> Dataset:
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = uid.generate_uid()
+    ds.save_as(path, enforce_file_format=True)
+    return pydicom.dcmread(path)
+
+
+@pytest.mark.parametrize("sequence", ["ModalityLUTSequence", "VOILUTSequence"])
+def test_an_empty_lut_item_counts_as_absent(tmp_path, sequence):
+    """LEADTOOLS-style files (dwv's test data has them) carry a Modality or VOI LUT item whose
+    LUT Descriptor and LUT Data are empty: the rescale and window apply as without it
+    (pydicom's modality LUT raised a TypeError on it)."""
+    stored = np.arange(256, dtype=np.uint16).reshape(16, 16)
+    plain = _dataset(stored, RescaleSlope=2, RescaleIntercept=-100,
+                     **({"WindowCenter": 50, "WindowWidth": 101}
+                        if sequence == "ModalityLUTSequence" else {}))
+    expected = dataset_to_image(plain, size=16)
+    item = Dataset()
+    item.add_new(0x00283002, "US", None)  # LUT Descriptor, zero length
+    item.add_new(0x00283006, "OW", None)  # LUT Data, zero length
+    if sequence == "ModalityLUTSequence":
+        item.ModalityLUTType = ""
+    setattr(plain, sequence, [item])
+    read = _saved_and_read(plain, tmp_path / "leadtools.dcm")
+    assert read[sequence][0].LUTDescriptor is None  # empty on disk, as such files have it
+    np.testing.assert_array_equal(dataset_to_image(read, size=16), expected)
+
+
+def test_an_empty_data_set_is_a_reason_not_no_pixel_data(tmp_path):
+    """A file pydicom reads as an empty data set is not "no pixel data" (a skip, for
+    good): whether it holds an image is unknown, and the reason says what happened."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = uid.ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = uid.CTImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = uid.generate_uid()
+    path = tmp_path / "empty.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    assert len(pydicom.dcmread(path, force=True).keys()) == 0
+    with pytest.raises(UnreadableDataset) as raised:
+        file_to_image(path)
+    assert "pydicom read an empty data set from a" in raised.value.reason
+    assert "-byte file" in raised.value.reason
 
 
 def test_monochrome1_is_the_inverse_of_monochrome2():
