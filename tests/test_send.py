@@ -219,7 +219,7 @@ def test_one_open_association_serves_the_next_batch_when_it_accepted_its_pairs(s
     assert report.outcomes[STORED] == 7
 
 
-# ---------------------------------------------------------------- every response answers its own request
+# ---------------------------------------------------------------- each response answers its request
 
 
 def test_a_duplicated_response_is_caught_not_taken_for_the_next_answer(service, monkeypatch):
@@ -372,7 +372,7 @@ def test_readme_dcmtk_recipe_sends_every_shared_file(service):
     log = result.stderr + result.stdout
 
     def number(label: str) -> int:
-        match = re.search(rf"^I: {re.escape(label)}\s*: (\d+)", log, re.M)
+        match = re.search(rf"^I:\s+{re.escape(label)}\s*: (\d+)", log, re.M)
         assert match, (label, log[-3000:])
         return int(match.group(1))
 
