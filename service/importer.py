@@ -146,8 +146,9 @@ def import_directory(
     def record(path: Path, outcome: StoreOutcome) -> None:
         report.files += 1
         report.outcomes[outcome.result] += 1
-        for rule, _ in outcome.defects:
-            report.tolerated[rule] += 1
+        if outcome.result == "stored":  # a duplicate's defects were counted with its first
+            for rule, _ in outcome.defects:
+                report.tolerated[rule] += 1
         if outcome.result in ("rejected", "failed"):
             reason = outcome.reason or "no reason given"
             report.reasons[reason[:200]] += 1

@@ -361,6 +361,7 @@ def test_import_command_writes_rejects_csv_and_logs_each_reject(tmp_path, databa
 
     again = _cli(["import", str(tmp_path / "in"), "--quiet"], database_url, tmp_path / "data")
     assert "duplicate 1" in again.stdout and "rejected 6" in again.stdout
+    assert "tolerated defects" not in again.stdout  # counted with the first store only
 
     unwritable = _cli(["import", str(tmp_path / "in"), "--rejects-csv",
                        str(tmp_path / "missing" / "r.csv")], database_url, tmp_path / "data")
