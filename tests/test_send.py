@@ -260,6 +260,44 @@ def test_a_late_response_shows_at_release(service, monkeypatch):
         requestor.release()
 
 
+def test_a_refused_association_fails_every_file_with_the_reason(service_factory, tmp_path):
+    service = service_factory(allowed_calling_aets=("GOODPACS",))
+    folder = tmp_path / "in"
+    for i in range(3):
+        write_ct(folder, f"{i}.dcm")
+    report = send_paths(all_files(folder), SendOptions("127.0.0.1", service.port,
+                                                       called_ae="PACS_TEST"), quiet=True)
+    assert dict(report.outcomes) == {FAILED: 3}
+    assert not report.ok
+    assert "rejected the association permanently: calling AE title not recognised" in \
+        report.summary()
+
+
+def test_an_aborted_association_fails_one_file_and_the_next_go_on_a_new_one(service, tmp_path,
+                                                                             monkeypatch):
+    folder = tmp_path / "in"
+    doomed = write_ct(folder, "1.dcm")
+    for i in (2, 3):
+        write_ct(folder, f"{i}.dcm")
+    real = acceptor.Association._dispatch
+
+    def dispatch(self, message, dataset):
+        if dataset is not None and doomed.SOPInstanceUID.encode() in dataset:
+            raise acceptor.ProtocolError("test: abort on this one")
+        return real(self, message, dataset)
+
+    monkeypatch.setattr(acceptor.Association, "_dispatch", dispatch)
+    out = io.StringIO()
+    report = send_paths(all_files(folder), SendOptions("127.0.0.1", service.port,
+                                                       called_ae="PACS_TEST"),
+                        report_csv=out, quiet=True)
+    assert dict(report.outcomes) == {FAILED: 1, STORED: 2}
+    assert report.associations == 2
+    rows = {Path(r["path"]).name: r for r in csv.DictReader(io.StringIO(out.getvalue()))}
+    assert rows["1.dcm"]["outcome"] == FAILED and "aborted" in rows["1.dcm"]["reason"]
+    assert service.scalar("SELECT count(*) FROM instances") == 2
+
+
 def test_at_most_128_contexts_per_requestor():
     with pytest.raises(ValueError):
         Requestor("127.0.0.1", 1, [("1.2.3", "1.2.840.10008.1.2")] * (MAX_CONTEXTS + 1))
@@ -350,10 +388,15 @@ def test_readme_pynetdicom_storescu_recipe_sends_every_shared_file(service):
     no_uids = len(re.findall(r"^E: Unknown SOP Class or Transfer Syntax UID: ", log, re.M))
     not_sent = len(re.findall(r"^E: Store failed: ", log, re.M))  # e.g. could not re-encode
     answered = re.findall(r"^I: Received Store Response \(Status: (0x[0-9A-F]{4})", log, re.M)
+    # pynetdicom's own race (docs/ingest.md, "Sending"): on a busy machine its reactor may
+    # take one response; that store is never answered, the association is aborted and every
+    # later file is "Store failed".  The recipe's negotiation is still checked in full.
+    lost = log.count("Received unexpected C-STORE service message")
     files = all_files(SHARED_DICOM)
-    assert not_dicom + no_uids + not_sent + len(answered) == len(files), log[-3000:]
-    assert len(answered) == _receiver_total(service)
-    assert not_sent <= 1  # pydicom cannot re-encode SC_rgb_jpeg.dcm; our sender sends it
+    assert not_dicom + no_uids + not_sent + len(answered) + lost == len(files), log[-3000:]
+    assert len(answered) + lost == _receiver_total(service)
+    if not lost:
+        assert not_sent <= 1  # pydicom cannot re-encode SC_rgb_jpeg.dcm; our sender sends it
     assert not_dicom == len(files) - len(_manifest())
     assert "No presentation context" not in log
 
