@@ -42,6 +42,8 @@ __all__ = [
     "distinct_profiles",
     "fit_profile_clusters",
     "fit_tag_clusters",
+    "k_bound",
+    "outlier_threshold",
     "run_partition_tasks",
 ]
 
@@ -49,6 +51,13 @@ log = logging.getLogger(__name__)
 
 PAPER_CANDIDATES: tuple[int, ...] = tuple(DEFAULT_K_CANDIDATES)
 """K = 5, 10, 15, 20, 100, 200, 300 (method.md A.6)."""
+
+MIN_PROFILES_PER_CLUSTER = 10
+"""Default of ``min_profiles_per_cluster``: a cluster should stand for more than a handful of
+distinct profiles on average, so K <= profiles / 10 (:func:`k_bound`)."""
+
+OUTLIER_FENCE = 3.0
+"""Interquartile ranges above Q3 from which a distance is an outlier (Tukey's far-out fence)."""
 
 P = TypeVar("P")
 
@@ -100,6 +109,7 @@ class TagClusterModel:
     n_profiles_for_k : int -- size of the sample K was chosen on (= n_profiles_clustered
         unless ``k_selection_profiles`` made it smaller)
     timings : dict -- seconds for the distance matrix, the choice of K and the final fit
+    k_bound : int -- the largest K the candidates were allowed (:func:`k_bound`)
     """
 
     medoids: GowerData
@@ -116,6 +126,7 @@ class TagClusterModel:
     sample_silhouettes: np.ndarray = field(repr=False)
     n_profiles_for_k: int = 0
     timings: dict[str, float] = field(default_factory=dict)
+    k_bound: int = 0
 
     def assign(self, data: GowerData, *, chunk_rows: int = 16384) -> tuple[np.ndarray, np.ndarray]:
         """Nearest medoid (label, Gower distance) of every row, O(n K); method.md A.7.
@@ -136,6 +147,7 @@ def fit_tag_clusters(
     k_selection_profiles: int | None = None,
     feature_weights: np.ndarray | None = None,
     random_state: int = 0,
+    min_profiles_per_cluster: int = MIN_PROFILES_PER_CLUSTER,
 ) -> TagClusterModel:
     """Distinct profiles of ``data``, then :func:`fit_profile_clusters` (A.5-A.7).
 
@@ -146,7 +158,8 @@ def fit_tag_clusters(
         ``GROUP BY`` returns; rows that are still identical after encoding are merged.
     counts : ndarray of shape (n,), optional
         Instances each row stands for (positive integers); default 1 per row.
-    candidates, max_profiles, k_selection_profiles, feature_weights, random_state
+    candidates, max_profiles, k_selection_profiles, feature_weights, random_state,
+    min_profiles_per_cluster
         See :func:`fit_profile_clusters`.
 
     Returns
@@ -163,7 +176,8 @@ def fit_tag_clusters(
     model = fit_profile_clusters(
         subset_rows(data, first), profile_counts, candidates=candidates,
         max_profiles=max_profiles, k_selection_profiles=k_selection_profiles,
-        feature_weights=feature_weights, random_state=random_state)
+        feature_weights=feature_weights, random_state=random_state,
+        min_profiles_per_cluster=min_profiles_per_cluster)
     model.medoid_rows = first[model.medoid_rows]
     return model
 
@@ -186,6 +200,7 @@ def fit_profile_clusters(
     k_selection_profiles: int | None = None,
     feature_weights: np.ndarray | None = None,
     random_state: int = 0,
+    min_profiles_per_cluster: int = MIN_PROFILES_PER_CLUSTER,
 ) -> TagClusterModel:
     """K by weighted mean silhouette over ``candidates``, weighted K-medoids (A.5-A.7).
 
@@ -198,8 +213,9 @@ def fit_profile_clusters(
     counts : ndarray of shape (m,)
         Instances per profile (positive integers).
     candidates : sequence of int
-        K values to try (the paper's by default); those with K >= the number of clustered
-        profiles are skipped.
+        K values to try (the paper's by default); those above :func:`k_bound` of the number
+        of clustered profiles are skipped (when that leaves none, the smallest candidate
+        below the number of profiles is fitted alone).
     max_profiles : int
         Largest Gower matrix side. With more profiles, a random sample of ``max_profiles``
         instances (drawn without replacement over all instances) is collapsed into its
@@ -211,6 +227,9 @@ def fit_profile_clusters(
         that cost. None: choose K on the clustered sample itself, as the paper did.
     feature_weights : ndarray of shape (p_num + p_cat,), optional
     random_state : int
+    min_profiles_per_cluster : int
+        Distinct profiles a cluster should stand for on average (:func:`k_bound`); 1 leaves
+        only the paper's ``2 <= K < profiles``.
 
     Returns
     -------
@@ -231,10 +250,16 @@ def fit_profile_clusters(
     # memory traffic (the K = 300 fit ran 2-3x faster, benchmarks/clustering/README.md).
     distances = gower_matrix(sample, ranges=ranges, weights=feature_weights)
     timings["distance_matrix"] = time.perf_counter() - started
-    usable = tuple(dict.fromkeys(int(k) for k in candidates if 2 <= int(k) < sample.n_samples))
-    if not usable:
+    bound = k_bound(sample.n_samples, min_profiles_per_cluster)
+    fitting = tuple(dict.fromkeys(int(k) for k in candidates if 2 <= int(k) < sample.n_samples))
+    if not fitting:
         raise ValueError(f"no candidate K in {tuple(candidates)} fits {sample.n_samples} distinct "
                          "profiles (need 2 <= K < profiles)")
+    usable = tuple(k for k in fitting if k <= bound) or (min(fitting),)
+    if usable != fitting:
+        log.info("tag clusters: K bounded by %d (%d profiles / %d per cluster): trying %s, "
+                 "not %s", bound, sample.n_samples, min_profiles_per_cluster, usable,
+                 tuple(k for k in fitting if k not in usable))
 
     selection = np.arange(sample.n_samples)
     selection_weights = weights
@@ -270,7 +295,56 @@ def fit_profile_clusters(
         sample_silhouettes=sample_silhouettes,
         n_profiles_for_k=int(selection.size),
         timings=timings,
+        k_bound=bound,
     )
+
+
+def k_bound(n_profiles: int, min_profiles_per_cluster: int = MIN_PROFILES_PER_CLUSTER) -> int:
+    """The largest K tried on ``n_profiles`` distinct profiles: ``n_profiles //
+    min_profiles_per_cluster``, at least 2.
+
+    Why: distinct profiles weighted by their instance counts favour large K. A profile
+    that is a cluster of its own, standing for w > 1 identical instances, has ``a(i) = 0``
+    and silhouette 1 (A.6's weighted form), so the silhouette rises as K approaches the
+    number of profiles: 236 profiles of 355 real instances chose K = 100 (silhouette 0.80,
+    against 0.68 for K = 20), clusters of two or three profiles nobody can read. Asking
+    every cluster to stand for ``min_profiles_per_cluster`` profiles on average keeps K
+    where the silhouette compares groupings, not copies.
+    """
+    if min_profiles_per_cluster < 1:
+        raise ValueError(f"min_profiles_per_cluster must be >= 1, got {min_profiles_per_cluster}")
+    return max(2, int(n_profiles) // int(min_profiles_per_cluster))
+
+
+def outlier_threshold(distances: np.ndarray, fence: float = OUTLIER_FENCE) -> float:
+    """Distance above which an instance fits no tag cluster: Tukey's far-out fence over the
+    distances of the instances that are not exactly on their medoid's profile.
+
+    Method: over the run's own assignment distances ``d`` (each instance to its nearest
+    medoid), drop the zeros (an instance with its medoid's very profile always fits), then
+
+        Q1, Q3 = 25th and 75th percentiles (linear interpolation, as percentile_cont)
+        threshold = Q3 + fence * (Q3 - Q1),   fence = 3 (Tukey's "far out")
+
+    and ``d > threshold`` is an outlier. Why this and not median + k MAD: the distances are
+    zero-inflated and right-skewed (on ../shared/data/dicom a quarter sit on a medoid, the
+    median is 0.002, the 95th percentile 0.16), so the MAD is tiny and median + 3.5 robust
+    SD flagged 40 % of the instances; a fence on the quartiles of the non-zero distances
+    flagged 5 %, those differing from their medoid in about a fifth of their features.
+    Quartiles are not moved by outliers up to a quarter of the instances. Returns NaN (no
+    threshold: nothing is an outlier) with fewer than 4 non-zero distances.
+
+    Parameters
+    ----------
+    distances : ndarray of shape (n,) -- Gower distances in [0, 1]
+    fence : float -- interquartile ranges above Q3
+    """
+    d = np.asarray(distances, dtype=np.float64).ravel()
+    off = d[d > 0]
+    if off.size < 4:
+        return float("nan")
+    q1, q3 = np.quantile(off, [0.25, 0.75])
+    return float(q3 + fence * (q3 - q1))
 
 
 def _instance_sample(

@@ -36,7 +36,8 @@ from sqlalchemy.engine import Engine
 
 from . import work_queue
 from .feature_store import write_shard
-from .image_annotation import ActiveImageModelCache, annotate_batch, vector_literal
+from .image_annotation import (ActiveImageModelCache, annotate_batch, record_backbone,
+                               vector_literal)
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +131,7 @@ class ImageWorker:
     def __init__(self, engine: Engine, backbone, *, storage_root: Path, feature_store: Path,
                  name: str, batch: int = 64, decode_workers: int = 0, max_attempts: int = 3,
                  image_size: int = 224, stale_after: float = 600.0, idle_sleep: float = 0.5,
-                 retry_backoff: float = 5.0):
+                 retry_backoff: float = 5.0, weights_path: str | Path | None = None):
         self.engine = engine
         self.backbone = backbone
         self.storage_root = Path(storage_root)
@@ -147,6 +148,8 @@ class ImageWorker:
         self._pool = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"))
         self.stats = {"done": 0, "skipped": 0, "retried": 0, "failed": 0}
         self.image_model = ActiveImageModelCache(str(backbone.device))
+        if weights_path is not None:  # so `query FILE` finds the backbone of these features
+            record_backbone(engine, backbone.model_version, weights_path)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
@@ -248,6 +251,10 @@ class ImageWorker:
             try:
                 if time.monotonic() - last_sweep > self.stale_after:
                     work_queue.release_stale(self.engine, STAGE, self.stale_after)
+                    # a safety net: instances no tags worker forwarded (tags_worker off)
+                    queued = enqueue_missing(self.engine)
+                    if queued:
+                        log.info("queued %d stored instances for the image stage", queued)
                     last_sweep = time.monotonic()
                 claims = ([] if stop.is_set() or len(in_flight) >= prefetch else
                           work_queue.claim(self.engine, STAGE, self.name, self.batch))

@@ -40,7 +40,8 @@ from parsers import FEATURE_COLUMNS
 from parsers.selection import FeatureSelection, default_selection
 from pipelines.gower import GowerData, NumericRanges, encode_features, gower_to_medoids
 from pipelines.label_matching import match_labels
-from pipelines.tag_clustering import PAPER_CANDIDATES, fit_tag_clusters
+from pipelines.tag_clustering import (MIN_PROFILES_PER_CLUSTER, PAPER_CANDIDATES, fit_tag_clusters,
+                                      outlier_threshold)
 from .logs import log_progress
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,7 @@ class ReclusterOptions:
     selection: FeatureSelection = field(default_factory=default_selection)
     candidates: tuple[int, ...] = PAPER_CANDIDATES
     max_profiles: int = 5000
+    min_profiles_per_cluster: int = MIN_PROFILES_PER_CLUSTER
     random_state: int = 0
     partition_rows: int = 50_000
     scheduler: str | None = None
@@ -83,6 +85,7 @@ class ReclusterOptions:
 
     def to_parameters(self) -> dict[str, Any]:
         return {"candidates": list(self.candidates), "max_profiles": self.max_profiles,
+                "min_profiles_per_cluster": self.min_profiles_per_cluster,
                 "random_state": self.random_state, "partition_rows": self.partition_rows}
 
 
@@ -243,10 +246,13 @@ def _open_run(conn: sa.Connection, options: ReclusterOptions,
     if version["instances"] == 0:
         raise ReclusterError("no parsed instances to cluster (instance_features is empty)")
     active = conn.execute(sa.text(
-        "SELECT id, parameters FROM tag_cluster_runs WHERE is_active")).one_or_none()
+        "SELECT id, parameters, feature_selection FROM tag_cluster_runs WHERE is_active"
+    )).one_or_none()
     parameters = {**options.to_parameters(), "data": version}
+    # the same data, feature columns and parameters would give the same run again
     if (active is not None and not options.force
             and active.parameters.get("data") == version
+            and list(active.feature_selection.get("columns", [])) == list(options.selection.columns)
             and {k: active.parameters.get(k) for k in options.to_parameters()}
             == options.to_parameters()):
         return None
@@ -275,11 +281,16 @@ def _fit(engine: Engine, run: _Run, progress: Progress | None) -> None:
     candidates = tuple(run.parameters["candidates"])
     model = fit_tag_clusters(data, counts=counts, candidates=candidates,
                              max_profiles=run.parameters["max_profiles"],
-                             random_state=run.parameters["random_state"])
+                             random_state=run.parameters["random_state"],
+                             min_profiles_per_cluster=run.parameters.get(
+                                 "min_profiles_per_cluster", MIN_PROFILES_PER_CLUSTER))
     fitted = time.perf_counter()
+    skipped = [k for k in candidates if k not in model.silhouettes]
     _say(progress, f"run {run.id}: K = {model.k} (silhouette "
                    f"{model.silhouettes[model.k]:.3f}), "
-                   + ", ".join(f"K={k}: {s:.3f}" for k, s in sorted(model.silhouettes.items())))
+                   + ", ".join(f"K={k}: {s:.3f}" for k, s in sorted(model.silhouettes.items()))
+                   + (f"; K <= {model.k_bound} for {model.n_profiles_clustered:,} profiles, "
+                      f"not tried: {', '.join(map(str, skipped))}" if skipped else ""))
 
     columns = numeric_columns + categorical_columns
     sample = {"labels": model.sample_labels.tolist(),
@@ -298,7 +309,8 @@ def _fit(engine: Engine, run: _Run, progress: Progress | None) -> None:
     stored_model = {"numeric_columns": list(numeric_columns),
                     "categorical_columns": list(categorical_columns),
                     "ranges": {"low": model.ranges.low.tolist(),
-                               "high": model.ranges.high.tolist()}}
+                               "high": model.ranges.high.tolist()},
+                    "k_bound": model.k_bound}
     run.timings.update({"load_profiles": loaded - started, "fit": fitted - loaded})
     with engine.begin() as conn:
         conn.execute(sa.text("DELETE FROM tag_cluster_medoids WHERE run_id = :id"),
@@ -468,10 +480,19 @@ def _match_and_switch(engine: Engine, run: _Run, options: ReclusterOptions,
         model = load_model(conn, run.id)
         # instances that arrived after the partitions were planned
         late = assign_unassigned(conn, model)
-        # one pass over the run's assignments for every cluster's size and mean distance
-        stats = {index: (n, mean) for index, n, mean in conn.execute(sa.text(
-            "SELECT medoid_index, count(*), avg(distance) FROM tag_cluster_assignments "
-            "WHERE run_id = :id GROUP BY medoid_index"), {"id": run.id})}
+        # the outlier threshold from the run's own distances (as stored: float4)
+        threshold = outlier_threshold(np.fromiter(conn.execute(sa.text(
+            "SELECT distance FROM tag_cluster_assignments WHERE run_id = :id"),
+            {"id": run.id}).scalars(), dtype=np.float32))
+        threshold = None if math.isnan(threshold) else threshold
+        # one pass over the run's assignments for every cluster's size, mean distance and
+        # outliers
+        counted = conn.execute(sa.text(
+            "SELECT medoid_index, count(*), avg(distance), count(*) FILTER "
+            "(WHERE distance > :t) FROM tag_cluster_assignments "
+            "WHERE run_id = :id GROUP BY medoid_index"), {"id": run.id, "t": threshold}).all()
+        stats = {index: (n, mean) for index, n, mean, _ in counted}
+        outliers = {index: n for index, _, _, n in counted}
         k = len(model.labels)
         size_array = np.array([stats.get(i, (0, None))[0] for i in range(k)])
         previous_labels = np.array([], dtype=np.int64)
@@ -499,10 +520,11 @@ def _match_and_switch(engine: Engine, run: _Run, options: ReclusterOptions,
             "UPDATE tag_cluster_medoids SET label = NULL WHERE run_id = :id"), {"id": run.id})
         conn.execute(sa.text(
             "UPDATE tag_cluster_medoids SET label = :label, instances = :instances, "
-            "previous_overlap = :overlap, mean_distance = :mean "
+            "previous_overlap = :overlap, mean_distance = :mean, outliers = :outliers "
             "WHERE run_id = :id AND medoid_index = :index"),
             [{"id": run.id, "index": i, "label": int(labels[i]),
               "instances": int(size_array[i]), "mean": stats.get(i, (0, None))[1],
+              "outliers": int(outliers.get(i, 0)),
               "overlap": (int(overlap[i, column_of[labels[i]]])
                           if labels[i] in column_of else None)}
              for i in range(k)])
@@ -514,15 +536,20 @@ def _match_and_switch(engine: Engine, run: _Run, options: ReclusterOptions,
         conn.execute(sa.text(
             "UPDATE tag_cluster_runs SET status = 'finished', is_active = true, "
             "finished_at = now(), previous_run_id = :previous, assigned = :assigned, "
-            "timings = CAST(:t AS jsonb), error = NULL WHERE id = :id"),
+            "outlier_distance = :threshold, timings = CAST(:t AS jsonb), error = NULL "
+            "WHERE id = :id"),
             {"id": run.id, "previous": previous, "assigned": int(size_array.sum()),
-             "t": json.dumps(run.timings)})
+             "threshold": threshold, "t": json.dumps(run.timings)})
     run.status = "finished"
     with engine.begin() as conn:
         # tags workers that waited for the switch skipped their batch; pick it up here
         late += assign_unassigned(conn, model)
     if late:
         _say(progress, f"run {run.id}: {late:,} instances that arrived during the run assigned")
+    if threshold is not None:
+        _say(progress, f"run {run.id}: {sum(outliers.values()):,} instances fit no cluster "
+                       f"(outliers: distance to their medoid > {threshold:.4f}, Q3 + 3 IQR of the "
+                       "run's non-zero distances)")
     kept = sum(1 for i in range(k) if labels[i] in column_of)
     _say(progress, f"run {run.id}: active; {kept} of {k} clusters kept their label "
                    f"from run {previous}" if previous else f"run {run.id}: active")
@@ -695,6 +722,9 @@ def report_data(engine: Engine, run_id: int | None = None, *, top: int = 5):
         medoids = conn.execute(sa.text(
             "SELECT medoid_index, label, features, instances FROM tag_cluster_medoids "
             "WHERE run_id = :id ORDER BY medoid_index"), {"id": run_id}).all()
+        outliers = conn.execute(sa.text(
+            "SELECT sum(outliers) FROM tag_cluster_medoids WHERE run_id = :id"),
+            {"id": run_id}).scalar()
         key_columns = [c for c in _KEY_COLUMNS if c in run["model"]["numeric_columns"]
                        or c in run["model"]["categorical_columns"]]
         counted = conn.execute(sa.text(
@@ -731,5 +761,9 @@ def report_data(engine: Engine, run_id: int | None = None, *, top: int = 5):
                 "distinct profiles": run["profiles"],
                 "profiles clustered": run["profiles_clustered"],
                 "loss (weighted, clustered profiles)": run["loss"],
+                "largest K tried (profiles / min. profiles per cluster)":
+                    run["model"].get("k_bound"),
+                "outliers (fit no cluster)": None if outliers is None else int(outliers),
+                "outlier distance (Q3 + 3 IQR of non-zero distances)": run["outlier_distance"],
                 "previous run": run["previous_run_id"]},
     )

@@ -54,7 +54,7 @@ def annotated(engine, tmp_path, weights):  # noqa: F811
     enqueue_missing(engine)
     worker = ImageWorker(engine, load_backbone(weights), storage_root=storage,
                          feature_store=tmp_path / "features", name="test", image_size=SIZE,
-                         decode_workers=1, batch=32)
+                         decode_workers=1, batch=32, weights_path=weights)
     while worker.run_once():
         pass
     model_id = train_image_model(engine, tmp_path / "features", tmp_path / "models",
@@ -154,12 +154,77 @@ def test_cli_query_by_file_and_by_uid(annotated, settings, monkeypatch, capsys, 
     assert "query in image cluster" in out and len(out.strip().splitlines()) == 5
     assert main(["query", "--uid", "1.2.3.4"]) == 2
     assert "no retrieval code" in capsys.readouterr().err
-    # a file: its maps must have the model's shape, so the model must have been fitted at
-    # the worker's input size; this model was fitted at SIZE, the CLI uses 224
+
+
+def test_cli_query_by_file_uses_the_active_models_backbone(annotated, settings, monkeypatch,
+                                                            capsys, tmp_path):
+    """No PACS_IMAGE_WEIGHTS: the weights the image worker recorded for the model's
+    features, at the worker's input size (this model was fitted on SIZE-pixel inputs)."""
+    import json
+
+    import torch
+
+    from pipelines.backbone import build_densenet121
+    from service.cli import main
+
+    engine, _, kind_of, _, storage = annotated
+    monkeypatch.setenv("DATABASE_URL", settings.database_url)
+    monkeypatch.delenv("PACS_IMAGE_WEIGHTS", raising=False)
+    query = next(uid for uid, kind in kind_of.items() if kind == "disk")
     with engine.connect() as conn:
-        path = conn.execute(sa.text("SELECT file_path FROM instances LIMIT 1")).scalar()
-    assert main(["query", str(storage / path)]) == 2
-    assert "maps must be" in capsys.readouterr().err
+        path = storage / conn.execute(sa.text(
+            "SELECT file_path FROM instances WHERE sop_instance_uid = :u"), {"u": query}).scalar()
+    assert main(["query", str(path), "--top", "3", "--json"]) == 0
+    hits = json.loads(capsys.readouterr().out)["hits"]
+    # the file is coded as its stored code: the same hits as the stored instance's (and
+    # never the file itself)
+    assert main(["query", "--uid", query, "--top", "3", "--json"]) == 0
+    stored_hits = json.loads(capsys.readouterr().out)["hits"]
+    assert [h["sop_instance_uid"] for h in hits] == [h["sop_instance_uid"] for h in stored_hits]
+    assert [h["score"] for h in hits] == pytest.approx([h["score"] for h in stored_hits],
+                                                       abs=1e-4)
+    assert query not in {h["sop_instance_uid"] for h in hits}
+    assert "tag_cluster_outlier" in hits[0]
+
+    # other weights than those of the model's features: refused, not wrong hits
+    torch.manual_seed(1)
+    other = tmp_path / "other.pth"
+    torch.save(build_densenet121().state_dict(), other)
+    monkeypatch.setenv("PACS_IMAGE_WEIGHTS", str(other))
+    assert main(["query", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "was fitted on features" in err and "Traceback" not in err
+
+    # nothing recorded and nothing set: the error names the setting
+    monkeypatch.delenv("PACS_IMAGE_WEIGHTS")
+    with engine.begin() as conn:
+        conn.execute(sa.text("DELETE FROM image_backbones"))
+    assert main(["query", str(path)]) == 2
+    assert "set PACS_IMAGE_WEIGHTS" in capsys.readouterr().err
+
+
+def test_hits_say_when_their_tags_fit_no_tag_cluster(annotated, database_url, capsys,
+                                                     settings, monkeypatch):
+    from service import tag_clusters
+    from service.cli import main
+
+    from .test_tag_clusters import _options
+
+    engine, _, kind_of, _, _ = annotated
+    with engine.begin() as conn:  # the test images share their tags: make a few profiles
+        conn.execute(sa.text("UPDATE instance_features SET kvp = 80 + 10 * "
+                             "(ascii(right(sop_instance_uid, 1)) % 4)"))
+    tag_clusters.recluster(engine, database_url, _options(candidates=(2,)))
+    query = next(iter(kind_of))
+    with engine.begin() as conn:  # pretend every instance's tags are far from its medoid
+        conn.execute(sa.text("UPDATE tag_cluster_runs SET outlier_distance = -1"))
+        hits = conn.execute(sa.text("SELECT * FROM similar_images(:u, 3)"), {"u": query}).all()
+    assert len(hits) == 3 and all(h.tag_cluster_outlier for h in hits)
+    assert all(h.tag_cluster is not None for h in hits)
+    monkeypatch.setenv("DATABASE_URL", settings.database_url)
+    assert main(["query", "--uid", query, "--top", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "fit no tag cluster" in out and out.count("?") >= 3
 
 
 def test_cli_visual_check_needs_features_and_tag_clusters(engine, settings, monkeypatch,

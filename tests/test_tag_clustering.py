@@ -45,7 +45,9 @@ def test_distinct_profiles_rebuild_the_input():
 @pytest.mark.parametrize("max_profiles", [5000, 20], ids=["all-profiles", "sampled"])
 def test_clusters_recover_the_kinds_and_every_instance_is_assigned(max_profiles):
     data, truth = _archive()
-    model = fit_tag_clusters(data, candidates=(2, 3, 4, 5, 6), max_profiles=max_profiles)
+    # a 20-instance sample has too few profiles for the K bound (tested on its own below)
+    model = fit_tag_clusters(data, candidates=(2, 3, 4, 5, 6), max_profiles=max_profiles,
+                             min_profiles_per_cluster=1)
     assert model.k == 3
     assert max(model.silhouettes, key=model.silhouettes.get) == 3
     labels, distances = model.assign(data, chunk_rows=100)
@@ -236,3 +238,53 @@ def test_profile_fit_equals_instance_fit_and_checks_counts():
         fit_profile_clusters(profiles.data, profiles.counts[:-1], candidates=(2,))
     with pytest.raises(ValueError, match="positive integers"):
         fit_tag_clusters(data, counts=np.zeros(data.n_samples), candidates=(2,))
+
+
+# ---------------------------------------------------------------- K bound, outliers
+
+
+def _copies_of_distinct_profiles(n_profiles: int, copies: int):
+    """Profiles that differ from each other in every column, each shared by ``copies``
+    instances: the weighted silhouette of a profile alone in its cluster is 1, so without
+    a bound the largest candidate K wins."""
+    categorical = np.array([[f"a{i}", f"b{i}", f"c{i}"] for i in range(n_profiles)], dtype=object)
+    data = encode_features(np.empty((n_profiles, 0)), categorical)
+    return data, np.full(n_profiles, float(copies))
+
+
+def test_k_is_bounded_by_the_number_of_profiles():
+    from pipelines.tag_clustering import k_bound
+
+    data, counts = _copies_of_distinct_profiles(40, 10)
+    unbounded = fit_tag_clusters(data, counts=counts, candidates=(2, 3, 4, 10, 20, 30),
+                                 min_profiles_per_cluster=1)
+    assert unbounded.k == 30  # the artefact the bound is for
+    model = fit_tag_clusters(data, counts=counts, candidates=(2, 3, 4, 10, 20, 30))
+    assert model.k_bound == k_bound(40) == 4
+    assert set(model.silhouettes) == {2, 3, 4} and model.k <= 4
+    # no candidate within the bound: the smallest that fits, alone
+    fallback = fit_tag_clusters(data, counts=counts, candidates=(5, 10, 20))
+    assert fallback.k == 5 and set(fallback.silhouettes) == {5}
+    assert k_bound(5) == 2 and k_bound(236) == 23 and k_bound(236, 5) == 47
+    with pytest.raises(ValueError, match="min_profiles_per_cluster"):
+        k_bound(10, 0)
+
+
+def test_outlier_threshold_is_the_far_out_fence_of_the_non_zero_distances():
+    from pipelines.tag_clustering import outlier_threshold
+
+    d = np.array([0.0, 0.0, 0.0, 0.1, 0.2, 0.2, 0.3, 0.9])
+    # non-zero: 0.1 0.2 0.2 0.3 0.9, Q1 0.2, Q3 0.3: 0.3 + 3 * 0.1
+    assert outlier_threshold(d) == pytest.approx(0.6)
+    assert np.flatnonzero(d > outlier_threshold(d)).tolist() == [7]
+    # zero-inflated and skewed, as real runs are: most on their medoid, a few far off
+    rng = np.random.default_rng(0)
+    typical = np.concatenate([np.zeros(300), rng.exponential(0.02, 600)])
+    far = np.full(30, 0.5)
+    threshold = outlier_threshold(np.concatenate([typical, far]))
+    assert np.mean(typical > threshold) < 0.02 and threshold < 0.5
+    # robust: far outliers below a quarter of the non-zero distances do not hide themselves
+    assert outlier_threshold(np.concatenate([typical, np.full(150, 0.5)])) < 0.5
+    assert not np.any(np.full(10, 0.05) > outlier_threshold(np.full(10, 0.05)))
+    assert np.isnan(outlier_threshold(np.array([0.0, 0.0, 0.3])))
+    assert np.isnan(outlier_threshold(np.array([])))

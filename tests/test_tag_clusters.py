@@ -69,7 +69,9 @@ def _add(engine, tmp_path, plan: dict[str, list[int]]) -> dict[str, str]:
 
 
 def _options(**changes) -> ReclusterOptions:
-    base = dict(candidates=(2, 3, 4, 5, 6), partition_rows=25, n_workers=2, processes=False)
+    # 59 instances are 25 distinct profiles: K <= 25 / 5 keeps K = 4 within the bound
+    base = dict(candidates=(2, 3, 4, 5, 6), partition_rows=25, n_workers=2, processes=False,
+                min_profiles_per_cluster=5)
     return ReclusterOptions(**{**base, **changes})
 
 
@@ -112,7 +114,7 @@ def test_a_run_finds_the_groups_and_labels_every_instance(archive, database_url)
         partitions = conn.execute(sa.text(
             "SELECT count(*), count(done_at), sum(rows) FROM tag_cluster_partitions")).one()
     assert run["is_active"] and run["status"] == "finished"
-    assert set(run["k_table"]) == {"2", "3", "4", "5", "6"}
+    assert set(run["k_table"]) == {"2", "3", "4", "5"}  # 6 > 25 profiles / 5
     assert run["k_table"]["4"] == max(run["k_table"].values()) == run["silhouette"]
     assert len(run["sample"]["labels"]) == run["profiles_clustered"]
     assert [(c["instances"], c["modality"], c["body_part"]) for c in clusters] == [
@@ -163,6 +165,82 @@ def test_nothing_changed_means_nothing_to_do_unless_forced(archive, database_url
     forced = tag_clusters.recluster(engine, database_url, _options(force=True))
     assert again.status == "skipped" and again.run_id == first.run_id
     assert forced.status == "finished" and forced.run_id != first.run_id
+
+
+def test_another_feature_list_or_parameter_set_is_a_change(archive, database_url):
+    from parsers.selection import FeatureSelection, default_selection
+
+    engine, _ = archive
+    first = tag_clusters.recluster(engine, database_url, _options())
+    shipped = default_selection()
+    fewer = FeatureSelection(columns=tuple(c for c in shipped.columns if c != "window_center"),
+                             reasons=shipped.reasons, mode="auto")
+    other_columns = tag_clusters.recluster(engine, database_url, _options(selection=fewer))
+    assert other_columns.status == "finished" and other_columns.run_id != first.run_id
+    with engine.connect() as conn:
+        stored = conn.execute(sa.text(
+            "SELECT feature_selection FROM tag_cluster_runs WHERE is_active")).scalar()
+    assert "window_center" not in stored["columns"]
+    assert tag_clusters.recluster(engine, database_url,
+                                  _options(selection=fewer)).status == "skipped"
+    other_parameters = tag_clusters.recluster(
+        engine, database_url, _options(selection=fewer, min_profiles_per_cluster=3))
+    assert other_parameters.status == "finished"
+    assert tag_clusters.recluster(engine, database_url, _options(
+        selection=fewer, min_profiles_per_cluster=3)).status == "skipped"
+
+
+def test_the_default_k_bound_keeps_k_below_a_tenth_of_the_profiles(archive, database_url):
+    engine, _ = archive
+    summary = tag_clusters.recluster(engine, database_url, _options(
+        min_profiles_per_cluster=ReclusterOptions().min_profiles_per_cluster))
+    with engine.connect() as conn:
+        run = conn.execute(sa.text("SELECT * FROM tag_cluster_runs")).mappings().one()
+    assert run["profiles"] == 25 and run["model"]["k_bound"] == 2
+    assert summary.k == 2 and set(run["k_table"]) == {"2"}
+
+
+def test_instances_that_fit_no_cluster_are_marked_as_outliers(archive, database_url, tmp_path):
+    from pipelines.tag_clustering import outlier_threshold
+
+    engine, group_of = archive
+    odd = []
+    for number in range(3):  # no body part, another modality and maker, nothing in common
+        ds = make_ct()
+        ds.Modality, ds.Manufacturer, ds.KVP = "OT", f"ACME {number}", str(40 + number)
+        ds.PixelSpacing, ds.SliceThickness = [2.5, 2.5], "10"
+        del ds.ImageOrientationPatient  # (the CT has no BodyPartExamined)
+        odd.append(ds.SOPInstanceUID)
+        ingest_datasets(engine, tmp_path / "storage", [ds])
+    while features.process_queue_batch(engine, "test"):
+        pass
+    tag_clusters.recluster(engine, database_url, _options(candidates=(4,)))
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text(
+            "SELECT sop_instance_uid, tag_cluster, distance, is_outlier "
+            "FROM instance_tag_cluster")).all()
+        threshold = conn.execute(sa.text(
+            "SELECT outlier_distance FROM tag_cluster_runs WHERE is_active")).scalar()
+        per_cluster = conn.execute(sa.text(
+            "SELECT sum(outliers), min(outlier_distance) FROM tag_clusters")).one()
+    assert len(rows) == len(group_of) + 3
+    assert sorted(r.sop_instance_uid for r in rows if r.is_outlier) == sorted(odd)
+    assert all(r.tag_cluster is not None for r in rows)  # labelled, and flagged
+    assert threshold == pytest.approx(outlier_threshold(
+        np.array([r.distance for r in rows], dtype=np.float32)))
+    assert per_cluster == (3, threshold)
+    # a new instance that fits no cluster is flagged by the tags worker's assignment too
+    late = make_ct()
+    late.Modality, late.Manufacturer, late.KVP = "OT", "ACME 9", "49"
+    late.PixelSpacing, late.SliceThickness = [2.5, 2.5], "10"
+    del late.ImageOrientationPatient
+    ingest_datasets(engine, tmp_path / "storage", [late])
+    while features.process_queue_batch(engine, "test"):
+        pass
+    with engine.connect() as conn:
+        assert conn.execute(sa.text(
+            "SELECT is_outlier FROM instance_tag_cluster WHERE sop_instance_uid = :u"),
+            {"u": late.SOPInstanceUID}).scalar() is True
 
 
 def test_two_jobs_never_overlap(archive, database_url):
@@ -259,8 +337,8 @@ def test_cli_recluster_exit_codes_report_and_lock(archive, settings, tmp_path, c
     engine, _ = archive
     monkeypatch.setenv("DATABASE_URL", settings.database_url)
     monkeypatch.setenv("PACS_DATA_DIR", str(tmp_path / "data"))
-    args = ["--candidates", "2,3,4,5,6", "--partition-rows", "25", "--workers", "1",
-            "--report", str(tmp_path / "report")]
+    args = ["--candidates", "2,3,4,5,6", "--min-profiles-per-cluster", "5",
+            "--partition-rows", "25", "--workers", "1", "--report", str(tmp_path / "report")]
     assert main(["recluster", *args]) == 0
     out = capsys.readouterr()
     assert "K = 4" in out.out and "now active" in out.out

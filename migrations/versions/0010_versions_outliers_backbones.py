@@ -5,7 +5,7 @@ image models know where their backbone's weights are.
   (``parsers.Vocabulary.version``), beside ``parser_version``; ``reparse`` redoes the rows of
   another version. Rows parsed before this migration have NULL (unknown): redone once.
 * ``tag_cluster_runs.outlier_distance``: the run's outlier threshold, from its own
-  distribution of assignment distances (median + 3.5 robust standard deviations,
+  distribution of assignment distances (Tukey's far-out fence over the non-zero ones,
   ``pipelines.tag_clustering.outlier_threshold``); ``tag_cluster_medoids.outliers`` counts
   them per cluster. ``instance_tag_cluster.is_outlier`` and ``tag_clusters.outliers`` show
   them; ``similar_images`` returns ``tag_cluster_outlier`` beside each hit's tag cluster.
