@@ -40,6 +40,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import struct
 import warnings
 from typing import Callable, Literal, Sequence
 
@@ -873,11 +874,82 @@ def dataset_to_frames(ds: Dataset, *, size: int = 224) -> np.ndarray:
 
 def _read(path: str | os.PathLike[str]) -> Dataset:
     try:
-        return pydicom.dcmread(path, force=True, defer_size=DEFAULT_DEFER_SIZE)
+        ds = pydicom.dcmread(path, force=True, defer_size=DEFAULT_DEFER_SIZE)
     except FileNotFoundError:
         raise
     except Exception as exc:  # noqa: BLE001
         raise PixelDecodeError(f"unreadable DICOM file: {_short_reason(exc)}") from exc
+    return ds if ds.keys() else _read_header_then_pixels(path)
+
+
+_ITEM, _SEQUENCE_DELIMITER = (0xFFFE, 0xE000), (0xFFFE, 0xE0DD)
+
+
+def _read_header_then_pixels(path: str | os.PathLike[str]) -> Dataset:
+    """A file pydicom's full read returns as an empty data set: read the header up to the
+    pixel data, then the pixel data element from its offset.
+
+    Seen in the wild: encapsulated Pixel Data whose file ends after its last complete
+    fragment, without the sequence delimiter. pydicom meets the end of the file while looking
+    for the delimiter and gives up on the whole data set (``pydicom_data/
+    emri_small_jpeg_2k_lossless_too_short.dcm`` of ../shared/data/dicom), though the header
+    reads, as it does for the ingest's header reader. The complete fragments are decoded;
+    anything else raises :class:`UnreadableDataset` saying what was found.
+    """
+    with open(path, "rb") as handle:
+        try:
+            header = pydicom.dcmread(handle, force=True, stop_before_pixels=True)
+        except Exception as exc:  # noqa: BLE001
+            header, exc_reason = None, _short_reason(exc)
+        offset = handle.tell()
+        data = handle.read()
+    size = offset + len(data)
+    if header is None or not header.keys():
+        raise UnreadableDataset(
+            f"pydicom read an empty data set from a {size:,}-byte file, and no header either"
+            + (f" ({exc_reason})" if header is None else ""))
+    prefix = (f"pydicom's full read of this {size:,}-byte file is an empty data set though its "
+              f"header ({len(header.keys())} elements) reads")
+    implicit, little = header.original_encoding
+    if len(data) < 8 or not little:
+        raise UnreadableDataset(f"{prefix}; no pixel data element follows it")
+    group, element = struct.unpack_from("<HH", data, 0)
+    if implicit:
+        length, value_at = struct.unpack_from("<I", data, 4)[0], 8
+    else:
+        vr = data[4:6]
+        if vr in (b"OB", b"OW", b"OF", b"OD", b"OL", b"UN"):
+            length, value_at = struct.unpack_from("<I", data, 8)[0], 12
+        else:
+            length, value_at = struct.unpack_from("<H", data, 6)[0], 8
+    if (group, element) != (0x7FE0, 0x0010):
+        raise UnreadableDataset(f"{prefix}; after it comes ({group:04X},{element:04X}), "
+                                "not the pixel data")
+    if length != 0xFFFFFFFF:
+        raise UnreadableDataset(f"{prefix}; its Pixel Data claims {length:,} bytes, "
+                                f"{len(data) - value_at:,} remain")
+    pos, items = value_at, 0
+    while pos + 8 <= len(data):
+        tag = struct.unpack_from("<HH", data, pos)
+        item_length = struct.unpack_from("<I", data, pos + 4)[0]
+        if tag == _SEQUENCE_DELIMITER:
+            break
+        if tag != _ITEM:
+            raise UnreadableDataset(f"{prefix}; pixel data item {items} has tag "
+                                    f"({tag[0]:04X},{tag[1]:04X})")
+        if pos + 8 + item_length > len(data):
+            raise UnreadableDataset(f"{prefix}; pixel data item {items} claims "
+                                    f"{item_length:,} bytes, {len(data) - pos - 8:,} remain")
+        pos += 8 + item_length
+        items += 1
+    if items < 2:  # the Basic Offset Table item and at least one fragment
+        raise UnreadableDataset(f"{prefix}; its encapsulated pixel data has no fragment")
+    log.info("%s: decoding its %d complete pixel data items (no sequence delimiter)",
+             path, items)
+    header.PixelData = data[value_at:pos]
+    header["PixelData"].VR = "OB"
+    header["PixelData"].is_undefined_length = True
+    return header
 
 
 def file_to_image(path: str | os.PathLike[str], *, size: int = 224) -> np.ndarray:
