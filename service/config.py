@@ -106,6 +106,10 @@ class Settings:
             raise ConfigError("max_pdu_size must be 0 (unlimited) or at least 4096")
         if self.processes < 1:
             raise ConfigError("processes must be at least 1")
+        unknown_stages = set(self.queue_stages) - {"tags", "image"}
+        if unknown_stages:  # a misspelt stage would queue rows no worker ever claims
+            raise ConfigError(f"queue_stages: unknown stage(s) {', '.join(sorted(unknown_stages))}"
+                              " (stages: tags, image)")
         if self.min_free_disk_mb < 0:
             raise ConfigError("min_free_disk_mb must be 0 (no check) or more")
         if self.commit_batch_max < 1:

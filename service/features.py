@@ -46,6 +46,13 @@ _UPSERT = sa.text(
     + ", ".join(f'"{n}" = EXCLUDED."{n}"' for n in _NAMES)
     + ", parse_failures = EXCLUDED.parse_failures"
 )
+# the image stage is not queued at ingest by default (one queue row per store); parsed
+# instances go on to it here once it is in use
+_FORWARD_TO_IMAGE = sa.text(
+    "INSERT INTO work_queue (stage, sop_instance_uid) SELECT 'image', u "
+    "FROM unnest(CAST(:uids AS text[])) AS u "
+    f"WHERE {work_queue.IMAGE_STAGE_IN_USE} ON CONFLICT DO NOTHING"
+)
 _TAGS = sa.text(
     "SELECT sop_instance_uid, tags FROM instances "
     "WHERE sop_instance_uid = ANY(CAST(:uids AS text[]))"
@@ -105,7 +112,9 @@ def process_queue_batch(engine: Engine, worker: str, *, limit: int = 200,
     """Parse one claimed batch of the ``tags`` stage; returns how many were claimed.
 
     In the same transaction the new features are assigned to the active tag clustering
-    run's nearest medoid, so ``instance_tag_cluster`` has them as soon as they are parsed.
+    run's nearest medoid, so ``instance_tag_cluster`` has them as soon as they are parsed,
+    and, once the image stage is in use (an image model or image features exist), the
+    instances are queued for it (``queue_stages`` need not name ``image``).
     """
     claims = work_queue.claim(engine, STAGE, worker, limit)
     if not claims:
@@ -116,6 +125,7 @@ def process_queue_batch(engine: Engine, worker: str, *, limit: int = 200,
             rows = feature_rows(tags.items(), vocabulary)
             write_features(conn, rows)
             assign_new_instances(conn, tag_model, rows)
+            conn.execute(_FORWARD_TO_IMAGE, {"uids": list(tags)})
     except Exception as exc:
         # parsing is total, so this is the database or a bug: retry each item later
         log.exception("tag parsing batch failed")

@@ -7,6 +7,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from .work_queue import IMAGE_STAGE_IN_USE
+
 _COUNTERS = sa.text(
     """
     SELECT coalesce(sum(received), 0), coalesce(sum(stored), 0), coalesce(sum(duplicates), 0),
@@ -27,6 +29,13 @@ _DEFECTS = sa.text(
 _QUEUE = sa.text(
     "SELECT stage, status, count(*) FROM work_queue GROUP BY stage, status ORDER BY stage, status"
 )
+# stored instances that wait for the image stage without an item: queued by the next image
+# worker start (or the tags stage, for new ones, once the image stage is in use)
+_IMAGE_STAGE = sa.text(
+    f"SELECT {IMAGE_STAGE_IN_USE}, (SELECT count(*) FROM instances i WHERE NOT EXISTS "
+    "(SELECT 1 FROM work_queue q WHERE q.stage = 'image' "
+    "AND q.sop_instance_uid = i.sop_instance_uid))"
+)
 
 
 def collect_status(engine: Engine) -> dict[str, Any]:
@@ -37,6 +46,7 @@ def collect_status(engine: Engine) -> dict[str, Any]:
         for stage, status, count in conn.execute(_QUEUE):
             queue.setdefault(stage, {})[status] = count
         defects = {rule: int(count) for rule, count in conn.execute(_DEFECTS)}
+        image_in_use, not_queued = conn.execute(_IMAGE_STAGE).one()
     return {
         "counters": {
             "received": int(received), "stored": int(stored), "duplicates": int(duplicates),
@@ -48,6 +58,7 @@ def collect_status(engine: Engine) -> dict[str, Any]:
             "instances": instances, "bytes": int(archive_bytes),
         },
         "queue": queue,
+        "image_stage": {"in_use": bool(image_in_use), "not_queued": int(not_queued)},
         # stored instances that tolerant ingest let through, by rule (table tolerated_defects)
         "tolerated_defects": defects,
     }
@@ -79,4 +90,12 @@ def format_status(status: dict[str, Any]) -> str:
         pending = counts.get("pending", 0)
         rest = ", ".join(f"{k} {v:,}" for k, v in sorted(counts.items()) if k != "pending")
         lines.append(f"  {stage:<10} pending {pending:,}" + (f"  ({rest})" if rest else ""))
+    image = status.get("image_stage") or {}
+    waiting = image.get("not_queued", 0)
+    if waiting and image.get("in_use"):
+        lines.append(f"  image      + {waiting:,} stored instance{'' if waiting == 1 else 's'} "
+                     "without an image item (queued when an image worker starts)")
+    elif waiting:
+        lines.append(f"  image      not in use yet: {waiting:,} stored instances wait for the "
+                     "first `worker --stage image`")
     return "\n".join(lines)

@@ -7,6 +7,11 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+IMAGE_STAGE_IN_USE = ("(EXISTS (SELECT 1 FROM image_models) "
+                      "OR EXISTS (SELECT 1 FROM image_features))")
+"""SQL condition: an image model exists or an image worker has stored features, so new
+instances should reach the ``image`` stage (the tags stage forwards them)."""
+
 _CLAIM = sa.text(
     """
     UPDATE work_queue SET status = 'running', claimed_by = :worker, claimed_at = now(),

@@ -32,6 +32,7 @@ def test_environment_beats_file_and_overrides_beat_environment(tmp_path):
     ({"PACS_AE_TITLE": "THIS_TITLE_IS_TOO_LONG"}, "ae_title"),
     ({"PACS_MAX_PDU_SIZE": "100"}, "max_pdu_size"),
     ({"PACS_LOG_FORMAT": "xml"}, "log_format"),
+    ({"PACS_QUEUE_STAGES": "tags,imgae"}, "queue_stages"),
 ])
 def test_invalid_values_are_refused_with_the_setting_named(environ, message):
     with pytest.raises(ConfigError, match=message):

@@ -43,3 +43,39 @@ def test_retry_then_fail_and_release_stale(engine, tmp_path):
             "SELECT last_error FROM work_queue WHERE status = 'failed'")).scalar()
     assert rows == {"failed": 1, "done": 1} and error == "decode error"
     assert second.id != first.id
+
+
+def test_new_images_reach_the_image_stage_by_default_once_it_is_in_use(engine, tmp_path):
+    """Default settings queue only ``tags`` at ingest; the tags stage forwards each parsed
+    instance to ``image`` once an image model or image features exist, and ``status``
+    counts the instances that wait without an item."""
+    from service import features
+    from service.config import Settings
+    from service.status import collect_status, format_status
+
+    assert Settings().queue_stages == ("tags",)  # the ingest hot path stays one row
+    early = make_ct()
+    ingest_datasets(engine, tmp_path / "storage", [early])
+    while features.process_queue_batch(engine, "test"):
+        pass
+    status = collect_status(engine)
+    assert "image" not in status["queue"]  # no image stage in use: nothing forwarded
+    assert status["image_stage"] == {"in_use": False, "not_queued": 1}
+
+    with engine.begin() as conn:  # an image model exists from now on
+        conn.execute(sa.text("INSERT INTO image_models (feature_model_version) VALUES ('x')"))
+    status = collect_status(engine)
+    assert status["image_stage"] == {"in_use": True, "not_queued": 1}
+    assert "1 stored instance without an image item" in format_status(status)
+
+    late = make_ct()
+    ingest_datasets(engine, tmp_path / "storage", [late])
+    while features.process_queue_batch(engine, "test"):
+        pass
+    with engine.connect() as conn:
+        queued = conn.execute(sa.text(
+            "SELECT sop_instance_uid, status FROM work_queue WHERE stage = 'image'")).all()
+    assert queued == [(late.SOPInstanceUID, "pending")]
+    status = collect_status(engine)
+    assert status["queue"]["image"] == {"pending": 1}
+    assert status["image_stage"]["not_queued"] == 1  # the early one: a worker start queues it
