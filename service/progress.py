@@ -38,7 +38,8 @@ def progress(iterable: Iterable[T] | None = None, *, total: float | None = None,
     """A tqdm bar on stderr, disabled when ``quiet`` or when stderr is not a terminal.
 
     A disabled bar accepts every call (and ignores it), so callers need no branches; it
-    does not count, so keep your own totals. ``options`` go to :class:`tqdm.tqdm` (``initial``, ``postfix``, ...).
+    does not count, so keep your own totals. ``options`` go to :class:`tqdm.tqdm`
+    (``initial``, ``postfix``, ...).
     """
     return tqdm(iterable, total=total, desc=desc, unit=unit, file=sys.stderr,
                 disable=quiet or not on_terminal(), leave=leave, dynamic_ncols=True,
