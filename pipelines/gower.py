@@ -1,6 +1,6 @@
 """Gower distance on mixed numeric / categorical features with missing values.
 
-Implements ``/work/shared/design/method.md`` A.4 (with optional feature weights)::
+Implements docs/method.md A.4 (with optional feature weights)::
 
     d(i, j) = 1 - sum_k(delta_ijk * w_k * s_ijk) / sum_k(delta_ijk * w_k)
 

@@ -1,6 +1,6 @@
 """Pixel data to network input: a DICOM image as a (3, size, size) float32 ImageNet tensor.
 
-Implements ``/work/shared/design/method.md`` B.1 (the part before DenseNet121): "rescale
+Implements docs/method.md B.1 (the part before DenseNet121): "rescale
 slope/intercept, the stored window (or a robust percentile window), MONOCHROME1 inverted,
 grey repeated to 3 channels, ImageNet normalisation", for every transfer syntax the listener
 accepts. ``docs/images.md`` ("Pixel data to tensor") has the decoder table and the timings.

@@ -44,7 +44,7 @@ IRMA error: see :func:`irma_axis_errors`.
 References
 ----------
 DDicCIR: "Deep Dictionary Clustering for Image Retrieval", Eqs. (10)-(18), (20) and the
-mAP@N / nDCG text (``/work/shared/seeds/000_634969de7300b681.txt``).
+mAP@N / nDCG text (Sucharitha et al., 2025); docs/method.md, "Retrieval metrics".
 """
 
 from __future__ import annotations

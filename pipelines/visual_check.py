@@ -20,7 +20,7 @@ every instance to its nearest medoid), which is the same check of the same clust
 References
 ----------
 RadiologyNet: "Using DICOM Tags for Clustering Medical Radiology Images into Visually
-Similar Groups", evaluation section (``/work/shared/seeds/003_5d7075f8a8df7181.txt``).
+Similar Groups" (Manojlović et al., ICPRAM 2020), evaluation section; docs/method.md A.8.
 """
 
 from __future__ import annotations
