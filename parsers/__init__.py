@@ -1,4 +1,4 @@
-"""Tag parsers: raw DICOM tag values to clean features (issue 4, method.md A.3).
+"""Tag parsers: raw DICOM tag values to clean features (method.md A.3).
 
 ``parse_instance(tags)`` turns one instance's tag JSON into the feature columns listed in
 ``FEATURE_COLUMNS``; see ``docs/parsers.md`` for every column and rule.

@@ -1,4 +1,4 @@
-"""Which parsed feature columns tag clustering uses (issue 4, method.md A.2).
+"""Which parsed feature columns tag clustering uses (method.md A.2).
 
 Two ways to get a :class:`FeatureSelection`:
 

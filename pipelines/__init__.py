@@ -1,1 +1,1 @@
-"""Batch pipelines: tag clustering and image annotation (issues 5-7)."""
+"""Batch pipelines: tag clustering and image annotation."""

@@ -1,4 +1,4 @@
-"""Stable cluster labels across clustering runs (issue 5).
+"""Stable cluster labels across clustering runs.
 
 A nightly re-clustering finds its clusters in an arbitrary order. Users keep their own notes
 about "cluster 7", so a new run's clusters are matched to the previous run's by how many

@@ -1,4 +1,4 @@
-"""Tag frequency analysis (issue 4, method.md A.1): counts pushed into PostgreSQL.
+"""Tag frequency analysis (method.md A.1): counts pushed into PostgreSQL.
 
 For every top-level key of ``instances.tags``: how many instances have it, how many of those
 hold an empty value, the missing share, the number of distinct values, the most frequent

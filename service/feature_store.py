@@ -1,4 +1,4 @@
-"""On-disk store of DenseNet121 feature maps (issue 6): float16 shards referenced from SQL.
+"""On-disk store of DenseNet121 feature maps: float16 shards referenced from SQL.
 
 Each worker batch writes one shard, ``<root>/<model>/<yyyy-mm-dd>/<uuid>.npy``, an array of
 shape (batch, 1024, 7, 7) float16 that ``numpy.load(..., mmap_mode="r")`` reads without

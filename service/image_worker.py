@@ -1,4 +1,4 @@
-"""The image worker (issue 6, method.md B.1): stored DICOM images to DenseNet121 features.
+"""The image worker (method.md B.1): stored DICOM images to DenseNet121 features.
 
 It claims batches of the ``image`` queue stage (``FOR UPDATE SKIP LOCKED``, so any number of
 workers share the queue), decodes the files in a pool of processes while the previous
@@ -199,7 +199,7 @@ class ImageWorker:
             if rows:
                 conn.execute(_UPSERT, rows)
             if maps is not None:
-                # image cluster and retrieval code with the active image model (issue 7)
+                # image cluster and retrieval code with the active image model
                 annotate_batch(conn, self.image_model, self.backbone.model_version,
                                [d.claim.sop_instance_uid for d in images], maps)
             if finished:

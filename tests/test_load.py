@@ -1,4 +1,4 @@
-"""The bounded load test as a CI check (issue 8): 16 concurrent associations of mixed small and
+"""The bounded load test as a CI check: 16 concurrent associations of mixed small and
 large instances against `serve` on the embedded database; no store fails and the listener's
 memory stays flat after the first 10 s. Throughput and latency are benchmark numbers
 (benchmarks/ingest/README.md), not asserted here. PACS_LOAD_SECONDS=60 for the long form."""

@@ -1,5 +1,5 @@
 """The nightly job end to end at archive scale: ``recluster`` on a synthetic archive in
-PostgreSQL (issue 5 target: 1,000,000 instances clustered and assigned in under 10 minutes on
+PostgreSQL (target: 1,000,000 instances clustered and assigned in under 10 minutes on
 2 cores, peak memory under 8 GiB).
 
     .venv/bin/python benchmarks/clustering/recluster_sql.py --instances 1000000

@@ -1,4 +1,4 @@
-"""A synthetic PACS archive of parsed tag features, shaped like a real one (issue 5, "Scale").
+"""A synthetic PACS archive of parsed tag features, shaped like a real one ("Scale").
 
 ``make_archive(n_instances, seed=...)`` returns one row per instance with the columns of
 ``parsers.selection.default_selection()`` (typed by ``parsers.FEATURE_COLUMNS``: numeric as

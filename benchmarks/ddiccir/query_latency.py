@@ -1,5 +1,5 @@
 """Query-by-image latency as the paper measures it: DenseNet121 features + B.7 coding +
-ranking, per query, warm, over an index of 100,000 retrieval codes (issue 7 target: < 100 ms
+ranking, per query, warm, over an index of 100,000 retrieval codes (target: < 100 ms
 on 2 CPU cores, < 5 ms batched on one H100).
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/ddiccir/query_latency.py [--device cuda]

@@ -1,4 +1,4 @@
-"""Image worker throughput, DICOM files on disk to features stored (issue 6).
+"""Image worker throughput, DICOM files on disk to features stored.
 
     .venv/bin/python benchmarks/image_worker/run.py --images 256 [--device cuda] [--batch 64]
 

@@ -6,7 +6,7 @@
 Each round makes ``<root>/storage/.incoming/<spare folder>`` the way the service does,
 creates N empty files in it, then deletes the whole tree, as the benchmark harness does
 between runs.  Rounds alternate between a plain ``.incoming`` with a fixed spare folder
-name (the layout before stop 12) and a top-folder ``.incoming`` with a new name per round
+name (the layout before the second speed-up round) and a top-folder ``.incoming`` with a new name per round
 (the service's layout now).  On ext4 without a journal the first kind keeps landing in
 the block group the previous round's files were freed in.
 """

@@ -1,4 +1,4 @@
-"""Parsed tag features per instance (issue 4): one typed column per parsed feature.
+"""Parsed tag features per instance: one typed column per parsed feature.
 
 Revision ID: 0002
 Revises: 0001

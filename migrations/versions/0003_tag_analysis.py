@@ -1,4 +1,4 @@
-"""Tag frequency analysis runs (issue 4, method.md A.1): one row per run, one per tag, one
+"""Tag frequency analysis runs (method.md A.1): one row per run, one per tag, one
 per parsed feature column.
 
 Revision ID: 0003

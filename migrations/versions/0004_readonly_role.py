@@ -1,4 +1,4 @@
-"""A read-only role for radiology IT and the views it may read (issue 8).
+"""A read-only role for radiology IT and the views it may read.
 
 ``pacs_readonly`` (NOLOGIN: grant it to real login roles) can read the documented
 views, which carry no patient names, IDs, birth dates or accession numbers. It cannot

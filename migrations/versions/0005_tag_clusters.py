@@ -1,4 +1,4 @@
-"""Tag clustering runs (issue 5, method.md A.4-A.7): versioned runs, their medoids, every
+"""Tag clustering runs (method.md A.4-A.7): versioned runs, their medoids, every
 instance's assignment, and the views radiology IT reads.
 
 A run is fitted, then assigns the archive partition by partition (``tag_cluster_partitions``

@@ -1,4 +1,4 @@
-"""Image features (issue 6, method.md B.1): one DenseNet121 feature vector per instance in a
+"""Image features (method.md B.1): one DenseNet121 feature vector per instance in a
 pgvector column, the 7 x 7 maps referenced in the on-disk feature store, and the reason
 when an instance has no image.
 

@@ -1,4 +1,4 @@
-"""Image clusters and retrieval codes (issue 7, method.md B.2-B.7): versioned image models,
+"""Image clusters and retrieval codes (method.md B.2-B.7): versioned image models,
 each image's cluster and 256-value retrieval code, and ``similar_images(uid, n)``.
 
 Revision ID: 0007
