@@ -392,8 +392,32 @@ def cmd_image_model(args: argparse.Namespace) -> int:
         except ValueError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-    print(f"image model {model_id} is active")
+        print(f"image model {model_id} is active")
+        if args.no_report:
+            return 0
+        out = Path(args.report or settings.data_dir / "reports" / f"image-model-{model_id}.html")
+        return _write_image_report(database.engine, settings.storage_path, out, model_id)
+
+
+def _write_image_report(engine, storage_root: Path, out: Path, model_id: int | None) -> int:
+    from .image_report import write_image_model_report
+
+    try:
+        print(f"wrote {write_image_model_report(engine, storage_root, out, model_id)}")
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"error: report {out}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
     return 0
+
+
+def cmd_image_report(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    with _database(settings) as database:
+        out = Path(args.out or f"image-model-{args.model or 'active'}.html")
+        return _write_image_report(database.engine, settings.storage_path, out, args.model)
 
 
 def cmd_query(args: argparse.Namespace) -> int:
@@ -426,6 +450,18 @@ def cmd_query(args: argparse.Namespace) -> int:
             return 2
         elapsed = time.perf_counter() - started
         hits = similar.with_tags(ranked)
+        if args.html:  # the query image beside its hits, thumbnails from the stored files
+            from .image_report import write_query_report
+
+            try:
+                write_query_report(database.engine, settings.storage_path, Path(args.html),
+                                   hits=hits, image_cluster=int(clusters[0]), seconds=elapsed,
+                                   query_uid=args.uid, query_file=args.file,
+                                   exclude=args.exclude)
+            except OSError as exc:
+                print(f"error: --html {args.html}: {exc.strerror or exc}", file=sys.stderr)
+                return 2
+            print(f"wrote {args.html}", file=sys.stderr)
     if args.json:
         import dataclasses
 
@@ -751,12 +787,14 @@ def cmd_recluster(args: argparse.Namespace) -> int:
         else:
             print(f"run {summary.run_id} is still current: nothing changed")
         if args.report:
-            return _write_cluster_report(database.engine, summary.run_id, Path(args.report))
+            return _write_cluster_report(database.engine, summary.run_id, Path(args.report),
+                                         settings.storage_path)
     return 0
 
 
-def _write_cluster_report(engine, run_id: int | None, out: Path) -> int:
+def _write_cluster_report(engine, run_id: int | None, out: Path, storage_root: Path) -> int:
     from .cluster_report import render_cluster_report
+    from .image_report import tag_cluster_montages
     from .tag_clusters import ReclusterError, report_data
 
     try:
@@ -764,7 +802,8 @@ def _write_cluster_report(engine, run_id: int | None, out: Path) -> int:
     except ReclusterError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"wrote {render_cluster_report(data, out)}")
+    montages = tag_cluster_montages(engine, storage_root, data.run_id)  # thumbnails of members
+    print(f"wrote {render_cluster_report(data, out, montages=montages)}")
     return 0
 
 
@@ -772,7 +811,7 @@ def cmd_cluster_report(args: argparse.Namespace) -> int:
     settings = _settings(args)
     with _database(settings) as database:
         out = Path(args.out or f"tag-clusters-{args.run or 'active'}")
-        return _write_cluster_report(database.engine, args.run, out)
+        return _write_cluster_report(database.engine, args.run, out, settings.storage_path)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -980,7 +1019,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="what query / similar_images rank by: DDicCIR codes, pooled features, or (auto) "
              "whichever ranks the fitted images better by their modality|body part tags")
     image_model.add_argument("--quiet", action="store_true")
+    image_model.add_argument("--report", metavar="FILE",
+                             help="HTML report with a thumbnail montage of every image and tag "
+                                  "cluster (default DATA_DIR/reports/image-model-ID.html)")
+    image_model.add_argument("--no-report", action="store_true", help="write no report")
     image_model.set_defaults(func=cmd_image_model)
+
+    image_report = sub.add_parser(
+        "image-report", parents=[common],
+        help="the image model's HTML report again (thumbnail montages of every image and tag "
+             "cluster), without fitting")
+    image_report.add_argument("--model", type=int, help="image model id (default: the active one)")
+    image_report.add_argument("--out", metavar="FILE",
+                              help="HTML file (default ./image-model-ID.html)")
+    image_report.set_defaults(func=cmd_image_report)
 
     query = sub.add_parser("query", parents=[common],
                            help="images similar to a DICOM file or a stored instance")
@@ -993,6 +1045,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="leave out hits from the query's own study or patient (default "
                             "same-study); the query itself is never a hit")
     query.add_argument("--json", action="store_true")
+    query.add_argument("--html", metavar="FILE",
+                       help="also write the query image beside its hits, with scores and key "
+                            "tags, as one self-contained HTML file")
     query.set_defaults(func=cmd_query)
 
     check = sub.add_parser("visual-check", parents=[common],

@@ -1,4 +1,4 @@
-"""HTML report of one tag-clustering run (issue 5; method.md A.6, the paper's Figure 3).
+"""HTML report of one tag-clustering run (method.md A.6, the paper's Figure 3).
 
 ``service.tag_clusters`` reads a run back from the database into a :class:`ClusterReportData`
 and calls :func:`render_cluster_report`, which writes a self-contained folder::
@@ -7,6 +7,9 @@ and calls :func:`render_cluster_report`, which writes a self-contained folder::
     out_dir/silhouette_by_k.png      weighted mean silhouette against candidate K
     out_dir/silhouette_samples.png   per-profile silhouettes, cluster after cluster
     out_dir/cluster_sizes.png        instances per cluster (whole archive)
+
+With ``montages`` (``service.image_report.tag_cluster_montages``) the page also shows a
+thumbnail montage of each cluster's members nearest its medoid, embedded in the page.
 
 Tag values come from DICOM files written by anybody, so every piece of text goes through
 ``html_report.value_text`` (escaped, long values cut); style, sort script and page skeleton
@@ -31,7 +34,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullLocator
 
-from service.html_report import bar, page_end, page_start, value_text
+from service.html_report import MONTAGE_STYLE, bar, page_end, page_start, value_text
 
 __all__ = ["ClusterReportData", "SilhouetteBars", "render_cluster_report",
            "silhouette_bar_layout", "DEFAULT_MAX_BARS"]
@@ -440,8 +443,10 @@ def _weighted_mean(values: np.ndarray, weights: np.ndarray) -> float:
     return float(np.sum(values * weights) / np.sum(weights))
 
 
-def render_html(data: ClusterReportData, bars: SilhouetteBars) -> str:
-    """The page, linking the three PNGs by relative name (see module docstring)."""
+def render_html(data: ClusterReportData, bars: SilhouetteBars,
+                montages: dict[int, str] | None = None) -> str:
+    """The page, linking the three PNGs by relative name (see module docstring);
+    ``montages``: cluster label -> montage markup (``html_report.montage_html``)."""
     clusters = data.clusters
     labels, silhouettes, weights = (data.sample_labels, data.sample_silhouettes,
                                     data.sample_weights)
@@ -450,7 +455,8 @@ def render_html(data: ClusterReportData, bars: SilhouetteBars) -> str:
 
     out = io.StringIO()
     w = out.write
-    w(page_start(f"Tag clustering run {data.run_id}", _STYLE))
+    style = _STYLE + (MONTAGE_STYLE if montages else "")
+    w(page_start(f"Tag clustering run {data.run_id}", style))
     w(f"<h1>Tag clustering, run {data.run_id}</h1>\n"
       f'<p id="summary">{value_text(data.label)}. Chosen K = {data.k}, weighted mean silhouette '
       f"{float(data.k_table[data.k]):.4f}; {labels.size:,} profiles clustered, standing for "
@@ -529,18 +535,29 @@ def render_html(data: ClusterReportData, bars: SilhouetteBars) -> str:
           f'<table class="inner" id="medoid-{cluster}"><tbody>{medoid_rows}</tbody></table>'
           "</details></td></tr>\n")
     w("</tbody></table>\n")
-    w(page_end())
+    if montages:
+        w("<h2>Members</h2>\n<p>Up to a dozen members of each cluster, nearest its medoid "
+          "first (the medoid itself leads), as the image network sees them; hover a UID for "
+          "all of it.</p>\n")
+        for cluster in clusters:
+            size = int(data.cluster_sizes.get(cluster, 0))
+            w(f'<h3 id="members-{cluster}">Cluster {cluster} <span class="muted">'
+              f"({size:,} instances)</span></h3>\n")
+            w(montages.get(cluster, '<p class="muted">no members</p>\n'))
+    w(page_end(check_images=True))
     return out.getvalue()
 
 
 def render_cluster_report(data: ClusterReportData, out_dir: Path, *,
-                          max_bars: int = DEFAULT_MAX_BARS) -> Path:
+                          max_bars: int = DEFAULT_MAX_BARS,
+                          montages: dict[int, str] | None = None) -> Path:
     """Write ``index.html`` plus the PNG plots into ``out_dir``; return the path of
     ``index.html``.
 
     ``out_dir`` is created when missing and files of an earlier report there are replaced.
     The page links the plots by relative name, so the folder can be moved or zipped whole.
     ``max_bars`` caps the per-sample silhouette plot (see :func:`silhouette_bar_layout`).
+    ``montages``: cluster label -> montage markup, shown in a "Members" section.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -555,5 +572,5 @@ def render_cluster_report(data: ClusterReportData, out_dir: Path, *,
     _save_png(_silhouette_samples_figure(data, bars, mean), out_dir / SILHOUETTE_SAMPLES_PNG)
     _save_png(_cluster_sizes_figure(data), out_dir / CLUSTER_SIZES_PNG)
     index = out_dir / INDEX_NAME
-    index.write_text(render_html(data, bars), encoding="utf-8")
+    index.write_text(render_html(data, bars, montages), encoding="utf-8")
     return index
