@@ -81,7 +81,8 @@ from pipelines.sparse_coding import gram_matrix, omp
 
 __all__ = [
     "DDicCIRModel", "IterationRecord", "KMeansResult", "MODEL_FORMAT", "PipelineConfig",
-    "code_patches", "encode_queries", "fit_pipeline", "kmeans", "kmeans_plus_plus", "lloyd",
+    "code_patches", "compare_rankings", "purity", "encode_queries", "fit_pipeline", "index_entries",
+    "kmeans", "kmeans_plus_plus", "lloyd", "select_ranking",
     "match_clusters", "neighbourhood_patches", "normalise_rows", "place_in_blocks",
     "pool_codes", "rank_by_code", "relative_centroid_movement",
 ]
@@ -127,16 +128,26 @@ class PipelineConfig:
         Most dictionary-learning passes of the k-means loop (Table 9, "k-means iterations").
     centroid_tol : float, default 1e-4
         Stop when the relative centroid movement of B.6 falls below it (method.md B.6).
-    movement_space : {"codes", "features"}, default "codes"
-        Where that movement is measured. "codes" (method.md's reading): the B.6 k-means
+    movement_space : {"codes", "features"}, default "features"
+        Where that movement is measured. "codes" (method.md's literal reading): the B.6 k-means
         centroids of consecutive passes, in retrieval-code space; that space itself changes
         whenever layer 1 or 2 is re-learned, so the movement stays well above 1e-4 even when
         no image changes cluster (measured on planted data: 3.5-70 % per pass) and the loop
-        runs to ``max_outer_iter``. "features": the clusters' mean normalised B.2 features before and
-        after B.6 -- a fixed space, 0 exactly when the clusters did not change.
-    ksvd_max_iter : int, default 10
-        K-SVD sweeps per dictionary per pass. Dictionaries are warm-started every pass, so a
-        dictionary gets up to ``max_outer_iter * ksvd_max_iter`` sweeps in all.
+        runs to ``max_outer_iter``. "features" (default): the clusters' mean normalised B.2
+        features before and after B.6 -- a fixed space, 0 exactly when the clusters did not
+        change.
+    stop_label_change : float or None, default 0.01
+        Also stop once B.6 would move at most this share of the images (the clusters have
+        settled; the movement rule alone needs almost no image to move). None: movement only.
+    ksvd_max_iter : int, default 5
+        K-SVD sweeps per dictionary in the first pass. On real patches (MedNIST, one cluster,
+        benchmarks/ddiccir/README.md) the relative error is 0.086 after 5 sweeps and 0.079
+        after 10; Table 9's 1e-4 tolerance never stops it earlier, and the sweeps were most
+        of the fit time.
+    ksvd_max_iter_warm : int or None, default 2
+        Sweeps per dictionary in later passes, which start from the previous pass's
+        dictionaries (None: ``ksvd_max_iter``). Warm dictionaries change little per sweep
+        (benchmarks/ddiccir/README.md), and the sweeps were most of the fit time.
     ksvd_tol : float, default 1e-4
         K-SVD stops when its relative reconstruction error changes less (Table 9).
     coherence_threshold : float or None, default 0.95
@@ -152,10 +163,15 @@ class PipelineConfig:
         (docs/image_pipeline.md): purity after 6 passes 0.51-0.86 with None or 0.95, 0.73-0.92
         with 0.9, 0.92-1.0 with 0.8, 1.0 with 0.7. Replacement samples more coherent than this
         are skipped, and when none is left K-SVD uses random unit atoms.
-    patches_per_cluster : int or None, default 10_000
+    replacement : {"residuals", "samples"}, default "residuals"
+        What K-SVD puts in place of an unused or too coherent atom (both layers): the residual
+        of a worst-reconstructed sample, or the sample itself (see
+        :func:`pipelines.dictionary_learning.ksvd`; "samples" fell back to random atoms).
+    patches_per_cluster : int or None, default 5_000
         Layer-1 training patches sampled per cluster (uniformly over image x position); None uses
-        all. 10,000 is ~78 samples per atom, each atom's rank-1 update then sees ~1,200 patches
-        (sparsity 15 of 128), and the sample is 369 MB in float32 at C = 1024.
+        all. 5,000 is ~39 samples per atom, each atom's rank-1 update then sees ~600 patches
+        (sparsity 15 of 128), and the sample is 184 MB in float32 at C = 1024. (10,000 before:
+        sweep time is linear in it.)
     pooling : {"max", "average"}, default "max"
         B.4: per atom, the largest (or mean) absolute coefficient over the positions.
         "average" is the paper's ablation.
@@ -186,12 +202,15 @@ class PipelineConfig:
     stride: int = 1
     max_outer_iter: int = 15
     centroid_tol: float = 1e-4
-    movement_space: Literal["codes", "features"] = "codes"
-    ksvd_max_iter: int = 10
+    movement_space: Literal["codes", "features"] = "features"
+    stop_label_change: float | None = 0.01
+    ksvd_max_iter: int = 5
+    ksvd_max_iter_warm: int | None = 2
     ksvd_tol: float = 1e-4
     coherence_threshold: float | None = 0.95
     layer2_coherence_threshold: float | None = 0.7
-    patches_per_cluster: int | None = 10_000
+    patches_per_cluster: int | None = 5_000
+    replacement: Literal["residuals", "samples"] = "residuals"
     pooling: Pooling = "max"
     use_layer2: bool = True
     reiterate: bool = True
@@ -211,10 +230,20 @@ class PipelineConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.ksvd_max_iter_warm is not None and (
+                isinstance(self.ksvd_max_iter_warm, bool) or self.ksvd_max_iter_warm < 0):
+            raise ValueError(f"ksvd_max_iter_warm must be >= 0 or None, got "
+                             f"{self.ksvd_max_iter_warm!r}")
         for name in ("padding", "ksvd_max_iter", "seed"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+        if self.stop_label_change is not None and not 0 <= self.stop_label_change < 1:
+            raise ValueError(f"stop_label_change must be in [0, 1) or None, got "
+                             f"{self.stop_label_change!r}")
+        if self.replacement not in ("residuals", "samples"):
+            raise ValueError(f"replacement must be 'residuals' or 'samples', got "
+                             f"{self.replacement!r}")
         for name in ("centroid_tol", "ksvd_tol", "kmeans_tol"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
@@ -690,8 +719,17 @@ class DDicCIRModel:
     labels : Tensor of shape (N,), int64 -- cluster of every training image
     codes : Tensor of shape (N, code_dim) -- retrieval code of every training image
     history : tuple of IterationRecord -- one per pass
-    converged : bool -- stopped on ``centroid_tol``
-    stop_reason : str -- "centroid_tol", "max_outer_iter" or "no_reiteration"
+    converged : bool -- stopped on ``centroid_tol`` or ``stop_label_change``
+    stop_reason : str -- "centroid_tol", "label_change", "max_outer_iter" or "no_reiteration"
+    ranking : {"codes", "features"}, default "codes"
+        What the service indexes and ranks by (:func:`index_entries`): the retrieval codes
+        (B.7), or the L2-normalised pooled features when a measurement on the site's images
+        (:func:`compare_rankings`) found them better. Both rank the query's cluster first.
+    feature_centroids : Tensor of shape (k, C), optional
+        Unit cluster centres in pooled-feature space; with ``ranking="features"`` a new image
+        goes to the nearest one.
+    selection : dict
+        The measurement behind ``ranking`` (JSON-able), kept with the model.
     """
 
     config: PipelineConfig
@@ -703,6 +741,9 @@ class DDicCIRModel:
     history: tuple[IterationRecord, ...]
     converged: bool
     stop_reason: str
+    ranking: Literal["codes", "features"] = "codes"
+    feature_centroids: Tensor | None = None
+    selection: dict = field(default_factory=dict)
 
     @property
     def code_dim(self) -> int:
@@ -728,7 +769,9 @@ class DDicCIRModel:
             config=self.config, map_shape=self.map_shape, layer1=self.layer1.to(device),
             layer2=None if self.layer2 is None else self.layer2.to(device),
             labels=self.labels.to(device), codes=self.codes.to(device), history=self.history,
-            converged=self.converged, stop_reason=self.stop_reason)
+            converged=self.converged, stop_reason=self.stop_reason, ranking=self.ranking,
+            feature_centroids=None if self.feature_centroids is None
+            else self.feature_centroids.to(device), selection=self.selection)
 
     def save(self, path: str | Path) -> None:
         """Write the model with ``torch.save``: CPU tensors and a JSON string only, so that
@@ -739,6 +782,8 @@ class DDicCIRModel:
             "history": [record.to_dict() for record in self.history],
             "converged": self.converged,
             "stop_reason": self.stop_reason,
+            "ranking": self.ranking,
+            "selection": self.selection,
         }
         payload = {
             "format": MODEL_FORMAT,
@@ -746,6 +791,8 @@ class DDicCIRModel:
             "layer2": None if self.layer2 is None else self.layer2.detach().cpu(),
             "labels": self.labels.detach().cpu(),
             "codes": self.codes.detach().cpu(),
+            "feature_centroids": None if self.feature_centroids is None
+            else self.feature_centroids.detach().cpu(),
             "metadata": json.dumps(metadata),
         }
         torch.save(payload, Path(path))
@@ -764,7 +811,10 @@ class DDicCIRModel:
             config=config, map_shape=tuple(metadata["map_shape"]), layer1=payload["layer1"],
             layer2=payload["layer2"], labels=payload["labels"], codes=payload["codes"],
             history=tuple(IterationRecord.from_dict(record) for record in metadata["history"]),
-            converged=bool(metadata["converged"]), stop_reason=str(metadata["stop_reason"]))
+            converged=bool(metadata["converged"]), stop_reason=str(metadata["stop_reason"]),
+            ranking=metadata.get("ranking", "codes"),
+            feature_centroids=payload.get("feature_centroids"),
+            selection=metadata.get("selection", {}))
         _check_model(model)
         return model.to(device if device is not None else config.device)
 
@@ -783,6 +833,12 @@ def _check_model(model: DDicCIRModel) -> None:
         raise ValueError("a model without layer 2 (use_layer2=False) must have layer2=None")
     if model.labels.ndim != 1 or model.codes.shape[0] != model.labels.shape[0]:
         raise ValueError("labels (N,) and codes (N, code_dim) must have the same N")
+    if model.ranking not in ("codes", "features"):
+        raise ValueError(f"ranking must be 'codes' or 'features', got {model.ranking!r}")
+    if model.ranking == "features" and (
+            model.feature_centroids is None
+            or tuple(model.feature_centroids.shape) != (config.n_clusters, channels)):
+        raise ValueError("ranking='features' needs feature_centroids of shape (k, C)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -845,6 +901,13 @@ def _sample_cluster_patches(
     return samples
 
 
+def _sweeps(config: PipelineConfig, *, warm: bool) -> int:
+    """K-SVD sweeps for a dictionary: ``ksvd_max_iter`` cold, ``ksvd_max_iter_warm`` warm."""
+    if warm and config.ksvd_max_iter_warm is not None:
+        return config.ksvd_max_iter_warm
+    return config.ksvd_max_iter
+
+
 def _learn_layer1(
     maps: Tensor, labels: Tensor, previous: Tensor | None, config: PipelineConfig,
     iteration: int,
@@ -886,9 +949,11 @@ def _learn_layer1(
                 _generator(config.seed, _STREAM_LAYER1_INIT, iteration, cluster))
         else:
             initial = previous[cluster]
-        result = ksvd(samples.T, initial, config.sparsity, max_iter=config.ksvd_max_iter,
+        result = ksvd(samples.T, initial, config.sparsity,
+                      max_iter=_sweeps(config, warm=previous is not None),
                       tol=config.ksvd_tol, coherence_threshold=config.coherence_threshold,
-                      generator=_generator(config.seed, _STREAM_LAYER1_KSVD, iteration, cluster))
+                      generator=_generator(config.seed, _STREAM_LAYER1_KSVD, iteration, cluster),
+                      replacement=config.replacement)
         dictionaries[cluster] = result.dictionary
         results.append(result)
         del samples
@@ -1059,9 +1124,11 @@ def fit_pipeline(
             initial_layer2 = layer2 if layer2 is not None else _initial_layer2(
                 aggregated, labels, config, _generator(config.seed, _STREAM_LAYER2_INIT))
             layer2_result = ksvd(
-                aggregated.T, initial_layer2, config.sparsity, max_iter=config.ksvd_max_iter,
+                aggregated.T, initial_layer2, config.sparsity,
+                max_iter=_sweeps(config, warm=layer2 is not None),
                 tol=config.ksvd_tol, coherence_threshold=config.layer2_coherence_threshold,
-                generator=_generator(config.seed, _STREAM_LAYER2_KSVD, iteration))
+                generator=_generator(config.seed, _STREAM_LAYER2_KSVD, iteration),
+                replacement=config.replacement)
             new_layer2 = layer2_result.dictionary
             codes = _layer2_codes(aggregated, new_layer2, gram_matrix(new_layer2),
                                   config.sparsity)
@@ -1135,6 +1202,10 @@ def fit_pipeline(
                     else feature_movement)
         if movement is not None and movement < config.centroid_tol:
             converged, stop_reason = True, "centroid_tol"
+            break
+        if (config.stop_label_change is not None and label_change is not None
+                and label_change <= config.stop_label_change):
+            converged, stop_reason = True, "label_change"
             break
         if iteration < config.max_outer_iter:
             labels, previous_centroids = new_labels, centroids
@@ -1297,3 +1368,182 @@ def rank_by_code(
         all_indices.append(order)
         all_scores.append(scores.gather(1, order))
     return torch.cat(all_indices), torch.cat(all_scores)
+
+
+# --------------------------------------------------------------------------------------------
+# What the service indexes: codes or features, chosen by measurement
+# --------------------------------------------------------------------------------------------
+
+def index_entries(model: DDicCIRModel, maps: Tensor) -> tuple[Tensor, Tensor]:
+    """Cluster and index vector of images, as the service stores and ranks them.
+
+    ``model.ranking == "codes"``: :func:`encode_queries` (B.7), the DDicCIR code.
+    ``"features"``: the L2-normalised pooled feature (mean of the map over positions, as
+    :func:`pipelines.backbone.extract_features` defines it) and the nearest of
+    ``model.feature_centroids`` (cosine). Either way :func:`rank_by_code` ranks them, the
+    query's cluster first.
+
+    Parameters
+    ----------
+    model : DDicCIRModel
+    maps : Tensor of shape (B, C, H, W)
+
+    Returns
+    -------
+    clusters : Tensor of shape (B,), int64
+    vectors : Tensor of shape (B, code_dim) or (B, C)
+    """
+    if model.ranking == "codes":
+        clusters, codes, _ = encode_queries(model, maps)
+        return clusters, codes
+    assert model.feature_centroids is not None
+    if maps.ndim != 4 or tuple(maps.shape[1:]) != tuple(model.map_shape):
+        raise ValueError(f"maps must be (B, {', '.join(map(str, model.map_shape))}), got "
+                         f"{tuple(maps.shape)}")
+    centroids = model.feature_centroids
+    size = model.config.batch_size
+    features = normalise_rows(torch.cat([
+        maps[first:first + size].to(device=centroids.device, dtype=torch.float32)
+        .mean(dim=(2, 3)) for first in range(0, maps.shape[0], size)]).to(centroids.dtype))
+    return torch.argmax(features @ centroids.T, dim=1), features
+
+
+def _leave_one_out_scores(
+    scores: Tensor, clusters: Tensor | None, labels: np.ndarray, depth: int,
+) -> dict[str, float]:
+    """P@depth and mAP@depth of ranking every row's other items (self excluded), the row's
+    cluster first when ``clusters`` is given; relevant = same label."""
+    from pipelines.retrieval_metrics import average_precision_at
+
+    key = scores.double().clone()
+    if clusters is not None:
+        key += _SAME_CLUSTER_BONUS * (clusters[:, None] == clusters[None, :]).double()
+    key.fill_diagonal_(-math.inf)
+    order = torch.topk(key, depth, dim=1).indices.cpu().numpy()
+    relevance = labels[order] == labels[:, None]
+    return {"precision": float(relevance.mean()),
+            "map": float(average_precision_at(relevance, [depth]).mean())}
+
+
+def purity(clusters: np.ndarray, labels: np.ndarray) -> float:
+    """Cluster purity (method.md, metrics): ``(1/N) sum_c max_label |{i in c: label_i}|``;
+    single labels of any type. (N,), (N,) -> float in (0, 1]."""
+    _, label_codes = np.unique(np.asarray(labels), return_inverse=True)
+    _, cluster_codes = np.unique(np.asarray(clusters), return_inverse=True)
+    table = np.zeros((cluster_codes.max() + 1, label_codes.max() + 1), dtype=np.int64)
+    np.add.at(table, (cluster_codes, label_codes), 1)
+    return float(table.max(axis=1).sum() / len(label_codes))
+
+
+def compare_rankings(
+    features: Tensor, codes: Tensor, code_clusters: Tensor, feature_clusters: Tensor,
+    labels: np.ndarray, *, depth: int = 20,
+) -> dict:
+    """Which index ranks a site's images better: DDicCIR codes or the pooled features.
+
+    Leave-one-out on the fitted images: each image is a query against all others (itself left
+    out), relevant = same label (e.g. "modality|body part" from the images' tags). Scored:
+
+    * ``codes``: cosine of codes, the image's DDicCIR cluster first (the B.7 ranking);
+    * ``features``: cosine of normalised features, the image's feature cluster first (what
+      :func:`index_entries` does with ``ranking="features"``);
+    * ``features_ungated``: cosine of features alone, for reference;
+
+    each as P@depth and mAP@depth (:mod:`pipelines.retrieval_metrics`), plus the purity of
+    both clusterings against the labels. The codes are in-sample (the dictionaries were
+    learned on these images), which favours them if anything.
+
+    Parameters
+    ----------
+    features : Tensor of shape (N, C) -- pooled features (normalised here)
+    codes : Tensor of shape (N, D) -- the model's training codes
+    code_clusters, feature_clusters : Tensor of shape (N,), int64
+    labels : ndarray of shape (N,)
+    depth : int, default 20 (clipped to N - 1)
+
+    Returns
+    -------
+    dict with "codes", "features", "features_ungated" (each {"precision", "map"}), "depth",
+    "purity_codes", "purity_features", "n_images", "n_labels".
+    """
+    labels = np.asarray(labels)
+    n_images = labels.shape[0]
+    if n_images < 3 or not (features.shape[0] == codes.shape[0] == n_images):
+        raise ValueError("compare_rankings needs at least 3 images and one label each")
+    depth = min(depth, n_images - 1)
+    unit_features = normalise_rows(features.float())
+    unit_codes = normalise_rows(codes.float())
+    feature_scores = unit_features @ unit_features.T
+    return {
+        "codes": _leave_one_out_scores(unit_codes @ unit_codes.T, code_clusters, labels, depth),
+        "features": _leave_one_out_scores(feature_scores, feature_clusters, labels, depth),
+        "features_ungated": _leave_one_out_scores(feature_scores, None, labels, depth),
+        "depth": depth,
+        "purity_codes": purity(code_clusters.cpu().numpy(), labels),
+        "purity_features": purity(feature_clusters.cpu().numpy(), labels),
+        "n_images": int(n_images),
+        "n_labels": int(len(np.unique(labels))),
+    }
+
+
+def select_ranking(
+    model: DDicCIRModel, pooled: Tensor, labels: np.ndarray | None, *,
+    ranking: Literal["auto", "codes", "features"] = "auto", depth: int = 20,
+) -> DDicCIRModel:
+    """The model with ``ranking``, ``feature_centroids`` and ``selection`` set.
+
+    ``"auto"`` measures (:func:`compare_rankings`, labels of the fitted images) and keeps the
+    codes only when their P@depth + mAP@depth is higher than the features'; without labels
+    (or with a single label) it keeps the codes and says so. The feature clustering is the
+    model's own clusters or k-means (B.2 settings) on the features, whichever is purer (the
+    model's when there are no labels).
+
+    Parameters
+    ----------
+    model : DDicCIRModel -- fitted on ``pooled``'s images, in the same order
+    pooled : Tensor of shape (N, C)
+    labels : ndarray of shape (N,), or None
+    ranking : {"auto", "codes", "features"}
+    depth : int, default 20
+    """
+    import dataclasses
+
+    if ranking not in ("auto", "codes", "features"):
+        raise ValueError(f"ranking must be 'auto', 'codes' or 'features', got {ranking!r}")
+    config = model.config
+    device = model.device
+    features = normalise_rows(pooled.to(device=device, dtype=model.layer1.dtype))
+    k = config.n_clusters
+    own = model.labels.to(device)
+    clusterings = {"model": own}
+    usable = labels is not None and len(np.unique(np.asarray(labels))) > 1
+    if usable:
+        clusterings["kmeans"] = kmeans(
+            features, k, generator=_generator(config.seed, _STREAM_KMEANS, 0),
+            n_init=config.kmeans_n_init, max_iter=config.kmeans_max_iter,
+            tol=config.kmeans_tol).labels
+    selection: dict = {"requested": ranking}
+    feature_source = "model"
+    if usable:
+        purities = {name: purity(values.cpu().numpy(), np.asarray(labels))
+                    for name, values in clusterings.items()}
+        feature_source = max(purities, key=lambda name: (purities[name], name == "model"))
+        measured = compare_rankings(features, model.codes, own, clusterings[feature_source],
+                                    np.asarray(labels), depth=depth)
+        selection.update(measured)
+        selection["feature_clusters"] = feature_source
+    chosen = ranking
+    if ranking == "auto":
+        if not usable:
+            chosen = "codes"
+            selection["reason"] = "no labels to measure with: codes kept"
+        else:
+            codes_total = selection["codes"]["precision"] + selection["codes"]["map"]
+            features_total = selection["features"]["precision"] + selection["features"]["map"]
+            chosen = "codes" if codes_total > features_total else "features"
+            selection["reason"] = (f"P@{selection['depth']} + mAP@{selection['depth']}: codes "
+                                   f"{codes_total:.3f}, features {features_total:.3f}")
+    selection["ranking"] = chosen
+    centroids = normalise_rows(_cluster_means(features, clusterings[feature_source], k))
+    return dataclasses.replace(model, ranking=chosen, feature_centroids=centroids,
+                               selection=selection)

@@ -31,10 +31,15 @@ with 3, at 1.9x the time.
   are resolved greedily, most coherent pair first, and of the pair the atom used by fewer
   signals is replaced (on ties the higher index).
 
-Replacements are the worst-reconstructed samples (largest residual after the last coding
-step), normalised, each taken at most once and skipped when it would itself be more coherent
-than the threshold with an atom already kept; if the samples run out, random unit vectors
-from ``generator``. The coherence ``max_{j != k} |d_j . d_k|`` is recorded for the initial
+Replacements come from the worst-reconstructed samples (largest residual after the last coding
+step): by default their residuals ``x - D gamma`` under the current atoms and codes
+(``replacement="residuals"``; the direction the dictionary misses most), or the samples
+themselves (``"samples"``, the textbook rule), normalised, each taken at most once and skipped
+when it would itself be more coherent than the threshold with an atom already kept; if the
+candidates run out, random unit vectors from ``generator``. With non-negative, alike samples
+(post-ReLU patches, B.4 vectors) the samples themselves are nearly all rejected, and random unit
+atoms spanning every cluster block took their place (measured on real features:
+benchmarks/ddiccir/README.md). The coherence ``max_{j != k} |d_j . d_k|`` is recorded for the initial
 dictionary and after every iteration; with a threshold it is at most the threshold after each
 replacement step.
 
@@ -81,6 +86,7 @@ from __future__ import annotations
 import logging
 import warnings
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -93,6 +99,8 @@ __all__ = ["DictionaryResult", "ksvd", "init_dictionary_from_samples", "mutual_c
 log = logging.getLogger(__name__)
 
 DEFAULT_TOL = 1e-4  # Table 9: relative change of the reconstruction error
+
+Replacement = Literal["residuals", "samples"]
 
 _CANDIDATE_BATCH = 64
 # Replacement candidates are screened this many at a time (one matmul with the dictionary),
@@ -312,8 +320,10 @@ def _atoms_to_replace(
 def _replace_atoms(
     dictionary: Tensor, codes: Tensor, atoms: list[int], signals_by_row: Tensor,
     residuals: Tensor, coherence_threshold: float | None, generator: torch.Generator | None,
+    replacement: Replacement = "residuals",
 ) -> None:
-    """Put the worst-reconstructed samples (normalised) in place of ``atoms``, in place."""
+    """Put the worst-reconstructed samples' residuals (or the samples themselves, with
+    ``replacement="samples"``), normalised, in place of ``atoms``, in place."""
     kept = torch.ones(dictionary.shape[1], dtype=torch.bool, device=dictionary.device)
     kept[atoms] = False
     pending = list(atoms)
@@ -323,6 +333,11 @@ def _replace_atoms(
         batch = candidates[position:position + _CANDIDATE_BATCH]
         position += batch.numel()
         samples = signals_by_row.index_select(0, batch).T           # (d, b)
+        if replacement == "residuals":
+            # x - D gamma with the current atoms and codes: the part of the sample the
+            # dictionary misses, hence far less coherent with the kept atoms than the sample
+            # (post-ReLU samples are all alike; replaced atoms have zero codes here).
+            samples = samples - dictionary @ codes[:, batch]
         norms = torch.linalg.vector_norm(samples, dim=0)
         for column in range(batch.numel()):
             if not pending:
@@ -357,6 +372,7 @@ def ksvd(
     power_iterations: int = 1,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     generator: torch.Generator | None = None,
+    replacement: Replacement = "residuals",
 ) -> DictionaryResult:
     """Learn a dictionary by (approximate) K-SVD with coherence control (method.md B.3, B.5).
 
@@ -385,7 +401,14 @@ def ksvd(
     chunk_size : int, default 4096
         Signals per OMP batch (memory bound only).
     generator : torch.Generator, optional
-        CPU generator for random replacement atoms (only used when samples run out).
+        CPU generator for random replacement atoms (only used when candidates run out).
+    replacement : {"residuals", "samples"}, default "residuals"
+        What replaces an atom: the normalised residual ``x - D gamma`` of the worst-
+        reconstructed samples, or (``"samples"``) those samples themselves. With
+        non-negative, alike samples (post-ReLU patches, B.4 vectors) the samples are all
+        more coherent with the kept atoms than the threshold, so "samples" ran out and fell
+        back to random unit atoms (152 of them in the first pass on real features); the
+        residuals are what the dictionary misses and pass the coherence check.
 
     Returns
     -------
@@ -401,6 +424,8 @@ def ksvd(
         raise ValueError("need max_iter >= 0, tol >= 0, power_iterations >= 1, n_nonzero >= 1")
     if coherence_threshold is not None and not 0 < coherence_threshold <= 1:
         raise ValueError(f"coherence_threshold must be in (0, 1], got {coherence_threshold}")
+    if replacement not in ("residuals", "samples"):
+        raise ValueError(f"replacement must be 'residuals' or 'samples', got {replacement!r}")
     dictionary = initial_dictionary.to(dtype=signals.dtype, device=signals.device, copy=True)
     atom_norms = torch.linalg.vector_norm(dictionary, dim=0)
     if not bool((atom_norms > 0).all()):
@@ -432,7 +457,7 @@ def ksvd(
         atoms = _atoms_to_replace(dictionary, usage, coherence_threshold, replace_unused)
         if atoms:
             _replace_atoms(dictionary, codes, atoms, signals_by_row, residuals,
-                           coherence_threshold, generator)
+                           coherence_threshold, generator, replacement)
         replaced.append(tuple(atoms))
         coherence.append(mutual_coherence(dictionary))
         codes, residuals, error = code(dictionary)

@@ -29,9 +29,10 @@ CHANNELS = 16
 
 # Small version of Table 9: 4 clusters, 16 layer-1 atoms (144-value patches), 32 layer-2 atoms
 # (8 per cluster block), sparsity 4.
-SMALL = PipelineConfig(
-    n_clusters=N_GROUPS, layer1_atoms=16, layer2_atoms=32, sparsity=4, patches_per_cluster=600,
-    ksvd_max_iter=8, max_outer_iter=3, centroid_tol=0.0, kmeans_n_init=2, seed=0)
+SMALL_SIZES = dict(n_clusters=N_GROUPS, layer1_atoms=16, layer2_atoms=32, sparsity=4,
+                   patches_per_cluster=600, ksvd_max_iter=8, kmeans_n_init=2, seed=0)
+SMALL = PipelineConfig(**SMALL_SIZES, max_outer_iter=3, centroid_tol=0.0,
+                       movement_space="codes", stop_label_change=None)
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -310,6 +311,16 @@ def test_loop_stops_on_the_tolerance(planted):
     assert len(model.history) < 5
 
 
+def test_default_stopping_rule_fires(planted):
+    """With the default stopping rule the loop ends once the clusters settle, well before
+    max_outer_iter (the literal code-space rule never fired: its space moves every pass)."""
+    maps, pooled, _ = planted
+    model = fit_pipeline(maps, pooled, PipelineConfig(**SMALL_SIZES, max_outer_iter=6))
+    assert model.converged and model.stop_reason in ("centroid_tol", "label_change")
+    assert len(model.history) < 6
+    assert model.history[-1].label_change <= 0.01
+
+
 def test_codes_space_tolerance_needs_two_passes(planted):
     maps, pooled, _ = planted
     config = dataclasses.replace(SMALL, centroid_tol=10.0, max_outer_iter=5)  # any movement
@@ -570,3 +581,76 @@ def test_the_full_pipeline_recovers_the_classes_and_beats_features_only(seed):
     assert cluster_purity(clusters.numpy(), truth) >= 0.95
     assert full_row["mAP@20"] >= 0.98 > features_row["mAP@20"]
     assert full_row["P@20"] >= features_row["P@20"] + 0.05
+
+
+# ------------------------------------------------------------------ codes or features
+
+def _brute_force_leave_one_out(vectors, clusters, labels, depth):
+    """Oracle: per query, sort all others by (same cluster, cosine) with a Python sort."""
+    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    precisions = []
+    for query in range(len(labels)):
+        others = [i for i in range(len(labels)) if i != query]
+        others.sort(key=lambda i: (-int(clusters is None or clusters[i] == clusters[query]),
+                                   -float(unit[query] @ unit[i])))
+        precisions.append(np.mean([labels[i] == labels[query] for i in others[:depth]]))
+    return float(np.mean(precisions))
+
+
+def test_compare_rankings_scores_leave_one_out(planted, fitted):
+    maps, pooled, groups = planted
+    model, _ = fitted
+    labels = groups.numpy() % 2                     # a coarser labelling than the clusters
+    feature_clusters = kmeans(normalise_rows(pooled), N_GROUPS,
+                              generator=torch.Generator().manual_seed(0)).labels
+    result = __import__("pipelines.ddiccir", fromlist=["x"]).compare_rankings(
+        pooled, model.codes, model.labels, feature_clusters, labels, depth=10)
+    assert result["depth"] == 10 and result["n_images"] == len(labels)
+    assert result["codes"]["precision"] == pytest.approx(_brute_force_leave_one_out(
+        model.codes.numpy(), model.labels.numpy(), labels, 10), abs=0.02)
+    assert result["features_ungated"]["precision"] == pytest.approx(_brute_force_leave_one_out(
+        pooled.numpy(), None, labels, 10), abs=0.02)
+    assert 0 < result["purity_codes"] <= 1 and 0 < result["purity_features"] <= 1
+
+
+def test_select_ranking_features_indexes_normalised_features(tmp_path, planted, fitted):
+    from pipelines.ddiccir import index_entries, select_ranking
+
+    maps, pooled, groups = planted
+    model, _ = fitted
+    chosen = select_ranking(model, pooled, groups.numpy(), ranking="features")
+    assert chosen.ranking == "features" and chosen.selection["ranking"] == "features"
+    assert {"codes", "features", "purity_codes", "purity_features"} <= set(chosen.selection)
+    clusters, vectors = index_entries(chosen, maps)
+    torch.testing.assert_close(vectors, normalise_rows(maps.mean(dim=(2, 3))))
+    # planted groups: the nearest feature centre is the image's own cluster
+    assert float((clusters == model.labels).double().mean()) >= 0.95
+    path = tmp_path / "model.pt"
+    chosen.save(path)
+    loaded = DDicCIRModel.load(path)
+    assert loaded.ranking == "features" and loaded.selection == chosen.selection
+    assert torch.equal(index_entries(loaded, maps)[0], clusters)
+
+
+def test_select_ranking_auto_without_labels_keeps_the_codes(planted, fitted):
+    from pipelines.ddiccir import index_entries, select_ranking
+
+    maps, pooled, _ = planted
+    model, _ = fitted
+    kept = select_ranking(model, pooled, None)
+    assert kept.ranking == "codes" and "no labels" in kept.selection["reason"]
+    clusters, codes = index_entries(kept, maps[:8])
+    expected_clusters, expected_codes, _ = encode_queries(model, maps[:8])
+    assert torch.equal(clusters, expected_clusters) and torch.equal(codes, expected_codes)
+
+
+def test_select_ranking_auto_picks_the_higher_score(planted, fitted):
+    from pipelines.ddiccir import select_ranking
+
+    _, pooled, groups = planted
+    model, _ = fitted
+    chosen = select_ranking(model, pooled, groups.numpy(), ranking="auto")
+    selection = chosen.selection
+    codes = selection["codes"]["precision"] + selection["codes"]["map"]
+    features = selection["features"]["precision"] + selection["features"]["map"]
+    assert chosen.ranking == ("codes" if codes > features else "features")

@@ -185,13 +185,34 @@ def test_unused_atom_is_replaced_by_the_worst_reconstructed_sample():
     assert not bool(codes[7].any())
     residual_norms = torch.linalg.vector_norm(signals - initial @ codes, dim=0)
     worst = int(torch.argmax(residual_norms))
-    result = ksvd(signals, initial, N_NONZERO, max_iter=1, tol=0.0)
+    result = ksvd(signals, initial, N_NONZERO, max_iter=1, tol=0.0, replacement="samples")
     assert 7 in result.replaced_atoms[0]
     position = result.replaced_atoms[0].index(7)
     if position == 0:
         expected = signals[:, worst] / torch.linalg.vector_norm(signals[:, worst])
         torch.testing.assert_close(result.dictionary[:, 7], expected)
     assert bool(result.codes[7].any())  # the new atom is used
+
+
+def test_alike_non_negative_samples_are_replaced_by_residuals_not_random_atoms():
+    """Post-ReLU patches and B.4 vectors are non-negative and alike: with a coherence threshold
+    every sample is too coherent with the kept atoms to replace one, and the sample rule fell
+    back to random unit atoms, which leave the data's subspace. Residuals stay in it."""
+    generator = torch.Generator().manual_seed(8)
+    dimension, inside = 60, 40                              # data lives in the first 40 coords
+    base = torch.rand(inside, 1, generator=generator) + 1.0
+    signals = torch.zeros(dimension, 500, dtype=torch.float64)
+    signals[:inside] = (base * (1 + 0.3 * torch.rand(inside, 500, generator=generator))
+                        * (torch.rand(inside, 500, generator=generator) > 0.2)).double()
+    initial = init_dictionary_from_samples(signals, 30, torch.Generator().manual_seed(9))
+    result = ksvd(signals, initial, 4, max_iter=3, tol=0.0, coherence_threshold=0.7,
+                  generator=torch.Generator().manual_seed(10))
+    assert sum(len(atoms) for atoms in result.replaced_atoms) > 0
+    outside = float(result.dictionary[inside:].abs().max())
+    assert outside < 1e-12, f"random unit atoms in the dictionary (|outside| = {outside:.3f})"
+    samples_rule = ksvd(signals, initial, 4, max_iter=3, tol=0.0, coherence_threshold=0.7,
+                        generator=torch.Generator().manual_seed(10), replacement="samples")
+    assert float(samples_rule.dictionary[inside:].abs().max()) > 0.01  # what it was before
 
 
 def test_warm_start_does_not_increase_the_error(learned):
