@@ -536,7 +536,7 @@ def render_html(data: ClusterReportData, bars: SilhouetteBars,
           "</details></td></tr>\n")
     w("</tbody></table>\n")
     if montages:
-        w("<h2>Members</h2>\n<p>Up to a dozen members of each cluster, nearest its medoid "
+        w("<h2>Members</h2>\n<p>A sample of each cluster's members, nearest its medoid "
           "first (the medoid itself leads), as the image network sees them; hover a UID for "
           "all of it.</p>\n")
         for cluster in clusters:
@@ -544,7 +544,7 @@ def render_html(data: ClusterReportData, bars: SilhouetteBars,
             w(f'<h3 id="members-{cluster}">Cluster {cluster} <span class="muted">'
               f"({size:,} instances)</span></h3>\n")
             w(montages.get(cluster, '<p class="muted">no members</p>\n'))
-    w(page_end(check_images=True))
+    w(page_end(check_images=bool(montages)))  # records broken images on <body>
     return out.getvalue()
 
 

@@ -207,10 +207,11 @@ def _top(values: list[tuple[str, int]], size: int, top: int = 3) -> str:
     return shown + (f' <span class="muted">+{rest} more</span>' if rest > 0 else "")
 
 
-def _kv_table(table_id: str, rows: list[tuple[str, object]]) -> str:
+def _kv_table(table_id: str, summary: str, rows: list[tuple[str, object]]) -> str:
     body = "".join(f"<tr><th>{value_text(k)}</th><td>{value_text(v)}</td></tr>\n"
                    for k, v in rows)
-    return f'<table id="{table_id}"><tbody>\n{body}</tbody></table>\n'
+    return (f"<details><summary>{summary}</summary>"
+            f'<table id="{table_id}"><tbody>\n{body}</tbody></table></details>\n')
 
 
 def _cluster_section(w, kind: str, cluster: int, size: int, described: list[str],
@@ -289,7 +290,7 @@ def render_image_model_report(engine: Engine, storage_root: Path, model_id: int 
       "nearest the cluster's centre first (image clusters: the mean retrieval code, cosine; "
       "tag clusters: the medoid, Gower distance). Thumbnails are the network's input "
       "(stored window, fitted to a square); hover a UID for all of it.</p>\n")
-    w(_kv_table("parameters", [(k, json.dumps(v, default=str) if isinstance(v, (dict, list))
+    w(_kv_table("parameters", "Parameters and timings", [(k, json.dumps(v, default=str) if isinstance(v, (dict, list))
                                 else v) for k, v in parameters.items() if k != "selection"]
                 + [(f"{k} (s)", f"{float(v):.1f}") for k, v in (model["timings"] or {}).items()]))
 

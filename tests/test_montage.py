@@ -281,6 +281,20 @@ def test_cli_query_html_writes_the_query_beside_its_hits(archive, settings, monk
                  "--top", "2"]) == 0  # its folder is made
 
 
+def test_cli_image_report(archive, settings, monkeypatch, capsys, tmp_path):
+    from service.cli import main
+
+    monkeypatch.setenv("DATABASE_URL", archive["url"])
+    monkeypatch.setenv("PACS_STORAGE_DIR", str(archive["storage"]))
+    out = tmp_path / "reports" / "model.html"
+    assert main(["image-report", "--out", str(out)]) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    assert f"Image model {archive['model_id']}" in out.read_text()
+    assert main(["image-report", "--model", "999", "--out", str(out)]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert errors == ["error: no image model 999"]  # one line, no traceback
+
+
 def test_query_report_of_a_file_query(archive, tmp_path):
     engine = archive["engine"]
     similar = SimilarImages(engine)
