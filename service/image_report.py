@@ -290,9 +290,10 @@ def render_image_model_report(engine: Engine, storage_root: Path, model_id: int 
       "nearest the cluster's centre first (image clusters: the mean retrieval code, cosine; "
       "tag clusters: the medoid, Gower distance). Thumbnails are the network's input "
       "(stored window, fitted to a square); hover a UID for all of it.</p>\n")
-    w(_kv_table("parameters", "Parameters and timings", [(k, json.dumps(v, default=str) if isinstance(v, (dict, list))
-                                else v) for k, v in parameters.items() if k != "selection"]
-                + [(f"{k} (s)", f"{float(v):.1f}") for k, v in (model["timings"] or {}).items()]))
+    rows = [(k, json.dumps(v, default=str) if isinstance(v, (dict, list)) else v)
+            for k, v in parameters.items() if k != "selection"]
+    rows += [(f"{k} (s)", f"{float(v):.1f}") for k, v in (model["timings"] or {}).items()]
+    w(_kv_table("parameters", "Parameters and timings", rows))
 
     w("<h2>Image clusters</h2>\n"
       '<table class="sortable" id="image-clusters"><thead><tr><th>cluster</th><th>images</th>'
