@@ -1,4 +1,4 @@
-"""Image clusters and retrieval codes in SQL (issue 7, method.md B.2-B.7).
+"""Image clusters and retrieval codes in SQL (method.md B.2-B.7).
 
 * ``train_image_model``: fits the two-layer dictionary pipeline (``pipelines.ddiccir``) on a
   seeded sample of the stored feature maps, saves it under ``<data_dir>/image_models``,

@@ -1,7 +1,9 @@
-"""Issue 7 in SQL: image model fitted on stored features, every image annotated, the
+"""In SQL: an image model fitted on stored features, every image annotated, the
 worker annotating new images, similar_images() and the query / visual-check commands."""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest
@@ -139,6 +141,61 @@ def test_the_worker_annotates_new_images_with_the_active_model(annotated):
             "SELECT sop_instance_uid FROM image_annotations WHERE model_id = :m"),
             {"m": model_id}).scalars())
     assert kind_of.keys() <= annotated_uids
+
+
+def test_image_model_ranking_by_features_indexes_features(engine, tmp_path, weights):  # noqa: F811
+    """``ranking="features"``: the index holds normalised pooled features (C values) with the
+    cluster of the nearest feature centre, SQL and Python rank them, the worker adds new
+    images the same way, and the choice is recorded with the model."""
+    from pipelines.backbone import load_backbone
+
+    datasets, kind_of = _images(["disk", "stripes", "noise"] * 6, seed=3)
+    storage = tmp_path / "storage"
+    ingest_datasets(engine, storage, datasets)
+    while features.process_queue_batch(engine, "test"):
+        pass
+    enqueue_missing(engine)
+    worker = ImageWorker(engine, load_backbone(weights), storage_root=storage,
+                         feature_store=tmp_path / "features", name="test", image_size=SIZE,
+                         decode_workers=1, batch=32, weights_path=weights)
+    try:
+        while worker.run_once():
+            pass
+        model_id = train_image_model(engine, tmp_path / "features", tmp_path / "models",
+                                     config=SMALL, ranking="features")
+        with engine.connect() as conn:
+            dims = set(conn.execute(sa.text(
+                "SELECT vector_dims(retrieval_code) FROM image_annotations WHERE model_id = :m"),
+                {"m": model_id}).scalars())
+            parameters = conn.execute(sa.text(
+                "SELECT parameters FROM image_models WHERE id = :m"), {"m": model_id}).scalar()
+            stored = conn.execute(sa.text(
+                "SELECT f.feature, a.retrieval_code FROM image_features f JOIN "
+                "image_annotations a USING (sop_instance_uid) LIMIT 1")).one()
+        feature, code = (np.asarray(json.loads(value), dtype=np.float64) for value in stored)
+        channels = len(feature)
+        assert dims == {channels} and parameters["ranking"] == "features"
+        np.testing.assert_allclose(code, feature / np.linalg.norm(feature), atol=2e-3)
+        query = next(uid for uid, kind in kind_of.items() if kind == "stripes")
+        with engine.connect() as conn:
+            hits = conn.execute(sa.text("SELECT * FROM similar_images(:u, 4)"),
+                                {"u": query}).all()
+        assert sum(kind_of[h.sop_instance_uid] == "stripes" for h in hits) >= 3
+        similar = SimilarImages(engine)
+        python_hits = similar.rank(*similar.code_of(query), 4, exclude=query)[0]
+        assert [h[0] for h in python_hits][:1] == [hits[0].sop_instance_uid]
+        new, _ = _images(["disk"], seed=9)
+        ingest_datasets(engine, storage, new)
+        enqueue_missing(engine)
+        while worker.run_once():
+            pass
+        with engine.connect() as conn:
+            dim = conn.execute(sa.text(
+                "SELECT vector_dims(retrieval_code) FROM image_annotations WHERE "
+                "sop_instance_uid = :u"), {"u": new[0].SOPInstanceUID}).scalar()
+        assert dim == channels
+    finally:
+        worker.close()
 
 
 def test_cli_query_by_file_and_by_uid(annotated, settings, monkeypatch, capsys, weights,  # noqa: F811
