@@ -1,7 +1,7 @@
 """DDicCIR against the features it starts from, on real images, part by part.
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/ddiccir/ablation.py FEATURES.npz
-        [--folds 5] [--run-folds 1] [--configs default,k6,...] [--json OUT.json]
+        [--folds 5] [--first-fold 0] [--run-folds 1] [--configs default,k6,...] [--json OUT.json]
 
 FEATURES.npz comes from extract_features.py (maps, pooled, labels, groups). Protocol: group-
 disjoint folds (scikit-learn ``StratifiedGroupKFold`` on (label, group); MedNIST has no groups, so
@@ -144,6 +144,7 @@ def main() -> int:
     parser.add_argument("features", type=Path)
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--run-folds", type=int, default=1)
+    parser.add_argument("--first-fold", type=int, default=0)
     parser.add_argument("--configs", default="default")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -158,7 +159,9 @@ def main() -> int:
     results = []
     for fold, (train, test) in enumerate(splitter.split(data["pooled"], data["labels"],
                                                         data["groups"])):
-        if fold >= args.run_folds:
+        if fold < args.first_fold:
+            continue
+        if fold >= args.first_fold + args.run_folds:
             break
         print(f"fold {fold}: {len(train)} index, {len(test)} queries", flush=True)
         results.append(run_fold(data, train, test, names,
