@@ -98,6 +98,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work", type=Path, default=Path("/tmp/mednist_backbone"))
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--checkpoint", type=Path,
+                        help="evaluate this train-backbone checkpoint instead of training")
+    parser.add_argument("--skip-random", action="store_true", help="no random-init floor")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -108,28 +111,35 @@ def main() -> None:
     print(f"loaded {len(images)} archive and {len(queries)} query images in "
           f"{time.perf_counter() - started:.1f} s; pseudo-labels {tags}", flush=True)
 
-    dataset = torch.utils.data.TensorDataset(images, torch.as_tensor(pseudo))
-    cpu_started = time.process_time()
-    result = train_backbone(
-        dataset, pseudo, classes=tags, checkpoint_dir=args.work, tag_cluster_run=None,
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, patience=args.epochs,
-        augment=None if args.no_augment else RadiologyAugment(), precision=args.precision,
-        resume=False, checkpoint_seconds=1e9,
-        progress=lambda r: print(
-            f"epoch {r['epoch']}: {r['train_images_per_second']:.1f} images/s, "
-            f"{r['seconds']:.0f} s, val balanced accuracy {r['val_balanced_accuracy']:.3f}, "
-            f"load {os.getloadavg()[0]:.1f}", flush=True))
-    train_cpu = time.process_time() - cpu_started
-    trained_images = result.n_train * result.epochs_run
-    print(f"training: {trained_images / train_cpu:.1f} images per CPU-second "
-          f"(training and validation passes)", flush=True)
+    history: list = []
+    checkpoint = args.checkpoint
+    if checkpoint is None:
+        dataset = torch.utils.data.TensorDataset(images, torch.as_tensor(pseudo))
+        cpu_started = time.process_time()
+        result = train_backbone(
+            dataset, pseudo, classes=tags, checkpoint_dir=args.work, tag_cluster_run=None,
+            epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, patience=args.epochs,
+            augment=None if args.no_augment else RadiologyAugment(), precision=args.precision,
+            resume=False, checkpoint_seconds=1e9,
+            progress=lambda r: print(
+                f"epoch {r['epoch']}: {r['train_images_per_second']:.1f} images/s, "
+                f"{r['seconds']:.0f} s, val balanced accuracy {r['val_balanced_accuracy']:.3f}, "
+                f"load {os.getloadavg()[0]:.1f}", flush=True))
+        train_cpu = time.process_time() - cpu_started
+        trained_images = result.n_train * result.epochs_run
+        print(f"training: {trained_images / train_cpu:.1f} images per CPU-second "
+              f"(training and validation passes)", flush=True)
 
-    trained = load_backbone(result.checkpoint_path).module
+        checkpoint, history = result.checkpoint_path, result.history
+    trained = load_backbone(checkpoint).module
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         random_init = build_densenet121(None)
     table = {}
-    for name, module in (("random init", random_init), ("train-backbone", trained)):
+    models = [("train-backbone", trained)]
+    if not args.skip_random:
+        models.insert(0, ("random init", random_init))
+    for name, module in models:
         for size in args.extract_sizes:
             p20, map20 = p_at_20(pooled(module, images, size), labels,
                                  pooled(module, queries, size), query_labels)
@@ -137,7 +147,7 @@ def main() -> None:
             print(f"{name:15s} extract {size:3d} px: P@20 {p20:.4f}  mAP@20 {map20:.4f}",
                   flush=True)
     summary = {"args": {k: str(v) for k, v in vars(args).items()}, "table": table,
-               "history": result.history, "load": os.getloadavg()[0]}
+               "history": history, "load": os.getloadavg()[0]}
     if args.json:
         args.json.write_text(json.dumps(summary, indent=1, default=str))
 
