@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from pipelines.ddiccir import PipelineConfig
-from service.evaluation import (DEFAULT_METHODS, METHODS, LabelError, LabelSet,
+from service.evaluation import (METHODS, LabelError, LabelSet,
                                 NoLabelledFeatures, StoredFeatures, add_evaluate_parser,
                                 evaluate, evaluate_stored, excluded_pairs, format_table,
                                 group_folds, load_stored_features, read_labels,
@@ -196,10 +196,6 @@ def test_evaluate_stored_gives_every_method_and_cutoff(tmp_path):
     for method in METHODS.values():
         assert method.title in table
     assert "Cut-offs [40] exceed a query's candidates" in table
-
-
-def test_default_methods_fit_the_time_budget_choice():
-    assert DEFAULT_METHODS == ("features", "one-layer", "full")
 
 
 def test_format_table_falls_back_to_an_evaluated_cutoff():
