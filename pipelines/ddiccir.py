@@ -1409,18 +1409,19 @@ def index_entries(model: DDicCIRModel, maps: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _leave_one_out_scores(
-    scores: Tensor, clusters: Tensor | None, labels: np.ndarray, depth: int,
+    vectors: Tensor, queries: Tensor, clusters: Tensor | None, labels: np.ndarray, depth: int,
 ) -> dict[str, float]:
-    """P@depth and mAP@depth of ranking every row's other items (self excluded), the row's
-    cluster first when ``clusters`` is given; relevant = same label."""
+    """P@depth and mAP@depth of ranking all other items for each query row (itself
+    excluded), the query's cluster first when ``clusters`` is given; relevant = same label.
+    ``vectors`` (N, D) unit rows, ``queries`` (Q,) row indices."""
     from pipelines.retrieval_metrics import average_precision_at
 
-    key = scores.double().clone()
+    key = (vectors[queries] @ vectors.T).double()
     if clusters is not None:
-        key += _SAME_CLUSTER_BONUS * (clusters[:, None] == clusters[None, :]).double()
-    key.fill_diagonal_(-math.inf)
+        key += _SAME_CLUSTER_BONUS * (clusters[queries, None] == clusters[None, :]).double()
+    key[torch.arange(queries.numel()), queries] = -math.inf
     order = torch.topk(key, depth, dim=1).indices.cpu().numpy()
-    relevance = labels[order] == labels[:, None]
+    relevance = labels[order] == labels[queries.cpu().numpy(), None]
     return {"precision": float(relevance.mean()),
             "map": float(average_precision_at(relevance, [depth]).mean())}
 
@@ -1437,7 +1438,7 @@ def purity(clusters: np.ndarray, labels: np.ndarray) -> float:
 
 def compare_rankings(
     features: Tensor, codes: Tensor, code_clusters: Tensor, feature_clusters: Tensor,
-    labels: np.ndarray, *, depth: int = 20,
+    labels: np.ndarray, *, depth: int = 20, max_queries: int = 2_000, seed: int = 0,
 ) -> dict:
     """Which index ranks a site's images better: DDicCIR codes or the pooled features.
 
@@ -1460,6 +1461,10 @@ def compare_rankings(
     code_clusters, feature_clusters : Tensor of shape (N,), int64
     labels : ndarray of shape (N,)
     depth : int, default 20 (clipped to N - 1)
+    max_queries : int, default 2,000
+        Queries are a seeded sample of this many images (all when fewer), each ranked against
+        all N (memory: max_queries x N scores).
+    seed : int, default 0
 
     Returns
     -------
@@ -1472,12 +1477,20 @@ def compare_rankings(
         raise ValueError("compare_rankings needs at least 3 images and one label each")
     depth = min(depth, n_images - 1)
     unit_features = normalise_rows(features.float())
-    unit_codes = normalise_rows(codes.float())
-    feature_scores = unit_features @ unit_features.T
+    unit_codes = normalise_rows(codes.float().to(unit_features.device))
+    queries = torch.arange(n_images)
+    if n_images > max_queries:
+        queries = torch.randperm(n_images, generator=torch.Generator().manual_seed(seed))[
+            :max_queries].sort().values
+    queries = queries.to(unit_features.device)
+    code_clusters = code_clusters.to(unit_features.device)
+    feature_clusters = feature_clusters.to(unit_features.device)
     return {
-        "codes": _leave_one_out_scores(unit_codes @ unit_codes.T, code_clusters, labels, depth),
-        "features": _leave_one_out_scores(feature_scores, feature_clusters, labels, depth),
-        "features_ungated": _leave_one_out_scores(feature_scores, None, labels, depth),
+        "codes": _leave_one_out_scores(unit_codes, queries, code_clusters, labels, depth),
+        "features": _leave_one_out_scores(unit_features, queries, feature_clusters, labels,
+                                          depth),
+        "features_ungated": _leave_one_out_scores(unit_features, queries, None, labels, depth),
+        "n_queries": int(queries.numel()),
         "depth": depth,
         "purity_codes": purity(code_clusters.cpu().numpy(), labels),
         "purity_features": purity(feature_clusters.cpu().numpy(), labels),

@@ -611,6 +611,11 @@ def test_compare_rankings_scores_leave_one_out(planted, fitted):
     assert result["features_ungated"]["precision"] == pytest.approx(_brute_force_leave_one_out(
         pooled.numpy(), None, labels, 10), abs=0.02)
     assert 0 < result["purity_codes"] <= 1 and 0 < result["purity_features"] <= 1
+    sampled = __import__("pipelines.ddiccir", fromlist=["x"]).compare_rankings(
+        pooled, model.codes, model.labels, feature_clusters, labels, depth=10, max_queries=30)
+    assert sampled["n_queries"] == 30 and result["n_queries"] == len(labels)
+    assert abs(sampled["features_ungated"]["precision"]
+               - result["features_ungated"]["precision"]) < 0.2
 
 
 def test_select_ranking_features_indexes_normalised_features(tmp_path, planted, fitted):
