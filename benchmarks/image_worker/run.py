@@ -88,6 +88,8 @@ def main() -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--decode-workers", type=int, default=0)
     parser.add_argument("--database-url")
+    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"),
+                        help="default: what the service picks for the device")
     args = parser.parse_args()
     workers = args.decode_workers or len(os.sched_getaffinity(0))
 
@@ -101,11 +103,11 @@ def main() -> int:
 
     weights = root / "weights.pth"
     torch.save(build_densenet121().state_dict(), weights)
-    backbone = load_backbone(weights, device=args.device)
+    backbone = load_backbone(weights, device=args.device, precision=args.precision)
     print(f"{args.images} CT slices 512 x 512, batch {args.batch}, {workers} decode processes, "
           f"device {args.device} ({torch.cuda.get_device_name() if args.device.startswith('cuda') else os.cpu_count()} "
           f"{'' if args.device.startswith('cuda') else 'CPUs'}), torch threads "
-          f"{torch.get_num_threads()}")
+          f"{torch.get_num_threads()}, precision {backbone.precision}")
 
     with ImageWorker(engine, backbone, storage_root=root / "storage",
                      feature_store=root / "features", name="bench", batch=args.batch,
