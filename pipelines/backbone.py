@@ -229,6 +229,21 @@ class Backbone:
     precision: Precision = "fp32"
     metadata: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def input_size(self) -> int:
+        """The side of the square images the image worker feeds this network.
+
+        A ``train-backbone`` checkpoint records its training resolution (``input_size``);
+        features taken near it rank best (trained at 64 px on MedNIST: P@20 96.95 % at 64,
+        89.9 % at 224; docs/backbone.md). Other weights (torchvision's ImageNet file) get
+        :data:`INPUT_SIZE`, 224 (method.md B.1).
+        """
+        trained = self.metadata.get("input_size")
+        if not trained:
+            return INPUT_SIZE
+        side = int(trained[-1]) if isinstance(trained, (list, tuple)) else int(trained)
+        return max(side, MIN_INPUT_SIZE)
+
 
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU runs oneDNN's bf16 convolutions natively (AVX-512 BF16 or AMX).

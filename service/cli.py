@@ -269,9 +269,11 @@ def _run_image_worker(settings: Settings, name: str, args: argparse.Namespace) -
                          batch=args.batch or settings.image_batch,
                          decode_workers=settings.image_decode_workers,
                          max_attempts=settings.image_max_attempts,
+                         image_size=backbone.input_size,
                          weights_path=settings.image_weights) as worker:
             log.info("image worker running", extra={"device": device,
-                                                    "model_version": backbone.model_version})
+                                                    "model_version": backbone.model_version,
+                                                    "input_size": backbone.input_size})
             if args.drain:
                 from .progress import progress
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import csv
 import logging
-import os
 import socket
 import struct
 import sys
@@ -31,7 +30,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterable, Iterator, Sequence, TextIO
+from typing import BinaryIO, Callable, Iterable, Sequence, TextIO
 
 from .acceptor import (
     A_ABORT_TYPE,
@@ -48,6 +47,7 @@ from .acceptor import (
     p_data_pdu,
 )
 from .dicom_header import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from .importer import iter_files
 
 log = logging.getLogger(__name__)
 
@@ -108,17 +108,6 @@ class FileOutcome:
     sop_instance_uid: str = ""
     transfer_syntax_uid: str = ""
     repeated: bool = False  # a SOP Instance UID this run had already stored
-
-
-def iter_files(root: Path) -> Iterator[Path]:
-    """Every file under ``root`` (or ``root`` itself), in a stable order."""
-    if root.is_file():
-        yield root
-        return
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        for name in sorted(filenames):
-            yield Path(dirpath) / name
 
 
 def inspect_file(path: Path) -> Instance | FileOutcome:

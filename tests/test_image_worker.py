@@ -245,3 +245,26 @@ def test_cli_worker_stage_image(engine, tmp_path, archive, weights, settings, mo
     assert sum(r.status == "done" for r in rows.values()) == 5
     shard = next(r.map_shard for r in rows.values() if r.status == "done")
     assert read_map(tmp_path / "features", shard, 0).shape == (1024, 7, 7)  # 224 x 224 input
+
+
+def test_cli_worker_extracts_at_the_checkpoints_training_resolution(
+        engine, tmp_path, archive, weights, settings, monkeypatch, capsys):
+    """Features rank best near the resolution the backbone was trained at (docs/backbone.md):
+    a train-backbone checkpoint that records 64 px gets 64 px inputs, 2 x 2 maps."""
+    from pipelines.backbone import CHECKPOINT_FORMAT
+    from service.cli import main
+
+    storage, *_ = archive
+    checkpoint = tmp_path / "trained.pt"
+    torch.save({"format": CHECKPOINT_FORMAT, "metadata": {"input_size": [64, 64]},
+                "model_state": torch.load(weights, weights_only=True)}, checkpoint)
+    monkeypatch.setenv("DATABASE_URL", settings.database_url)
+    monkeypatch.setenv("PACS_STORAGE_DIR", str(storage))
+    monkeypatch.setenv("PACS_FEATURE_STORE_DIR", str(tmp_path / "features"))
+    monkeypatch.setenv("PACS_IMAGE_DECODE_WORKERS", "1")
+    monkeypatch.setenv("PACS_IMAGE_MAX_ATTEMPTS", "1")
+    monkeypatch.setenv("PACS_IMAGE_WEIGHTS", str(checkpoint))
+    assert main(["worker", "--stage", "image", "--drain"]) == 0
+    rows = _rows(engine)
+    shard = next(r.map_shard for r in rows.values() if r.status == "done")
+    assert read_map(tmp_path / "features", shard, 0).shape == (1024, 2, 2)
