@@ -1,4 +1,4 @@
-"""Tag clustering runs in PostgreSQL and the nightly ``recluster`` job (issue 5).
+"""Tag clustering runs in PostgreSQL and the nightly ``recluster`` job.
 
 The maths is in ``pipelines`` (Gower distance, weighted K-medoids, silhouette; method.md
 A.4-A.7); this module moves data between it and the database:
