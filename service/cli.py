@@ -560,9 +560,12 @@ def cmd_reparse(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     vocabulary = _vocabulary(settings)
-    with _database(settings) as database:
+    from .progress import counts_callback, progress
+
+    with _database(settings) as database, \
+            progress(desc="reparse", unit="instance", quiet=args.quiet) as bar:
         done = reparse(database.engine, vocabulary=vocabulary, chunk=args.chunk,
-                       progress=_progress_stream(args.quiet), everything=args.all)
+                       progress=counts_callback(bar), everything=args.all)
     print(f"{done} instances parsed with parser version {PARSER_VERSION}, "
           f"vocabulary {vocabulary.version}")
     return 0

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import threading
 import time
-from typing import Any, Iterable, TextIO
+from typing import Any, Callable, Iterable
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
@@ -220,20 +219,22 @@ class TagsWorker:
 
 
 def reparse(engine: Engine, *, vocabulary: Vocabulary | None = None, chunk: int = 1000,
-            progress: TextIO | None = sys.stderr, everything: bool = False) -> int:
+            progress: Callable[[int, int], None] | None = None,
+            everything: bool = False) -> int:
     """Re-parse every instance whose features are missing, or were made by another parser
     version (``PARSER_VERSION``) or another vocabulary (``Vocabulary.version``, a hash of its
     content: a site vocabulary edit counts); ``everything`` re-parses all instances.
 
     Resumable: an interrupted run leaves the finished chunks at the current versions and the
     next run starts with what is left (``everything`` walks the whole archive again).
+    ``progress(done, total)`` is called after every chunk.
     """
     vocabulary = vocabulary or default_vocabulary()
     versions = {"version": PARSER_VERSION, "vocabulary": vocabulary.version,
                 "everything": everything}
     with engine.connect() as conn:
         total = conn.execute(_COUNT_STALE, versions).scalar() or 0
-    done, after, started = 0, "", time.monotonic()
+    done, after = 0, ""
     while True:
         with engine.begin() as conn:
             items = conn.execute(_STALE, {**versions, "after": after, "limit": chunk}).all()
@@ -242,10 +243,6 @@ def reparse(engine: Engine, *, vocabulary: Vocabulary | None = None, chunk: int 
             write_features(conn, feature_rows(items, vocabulary))
         after = items[-1][0]
         done += len(items)
-        if progress is not None and total:
-            rate = done / max(time.monotonic() - started, 1e-9)
-            print(f"\rreparse: {done:,}/{total:,} ({100 * done / total:.0f}%), {rate:,.0f}/s",
-                  end="", file=progress, flush=True)
-    if progress is not None and total:
-        print("", file=progress)
+        if progress is not None:
+            progress(done, max(total, done))
     return done

@@ -434,13 +434,23 @@ def _run_partitions(url: str, model: StoredTagModel, partitions: Sequence[Partit
 
     from pipelines.tag_clustering import PartitionAssignmentError, run_partition_tasks
 
+    from .progress import counts_callback, on_terminal
+    from .progress import progress as progress_bar
+
+    bar = progress_bar(total=len(partitions), desc=f"run {model.run_id}: assign",
+                       unit="partition", quiet=progress is None)
+    move_bar = counts_callback(bar)
+
     def report(done: int, total: int) -> None:
-        _say(progress, f"run {model.run_id}: {done}/{total} partitions assigned")
+        move_bar(done, total)
+        if not on_terminal() or done == total:  # the bar says it on a terminal
+            _say(progress, f"run {model.run_id}: {done}/{total} partitions assigned")
 
     try:
-        return run_partition_tasks(partial(assign_partition, url), model, partitions,
-                                   scheduler=options.scheduler, n_workers=options.n_workers,
-                                   processes=options.processes, progress=report)
+        with bar:
+            return run_partition_tasks(partial(assign_partition, url), model, partitions,
+                                       scheduler=options.scheduler, n_workers=options.n_workers,
+                                       processes=options.processes, progress=report)
     except PartitionAssignmentError as exc:
         raise ReclusterError(str(exc)) from exc
     finally:

@@ -374,6 +374,13 @@ def test_long_jobs_draw_a_bar_on_a_terminal_only(tmp_path, database_url):
     assert _run(["worker", "--stage", "tags", "--drain"], env).stdout.strip() == \
         "0 instances parsed"
 
+    rc, terminal = _on_a_terminal(["reparse", "--all"], env)
+    assert rc == 0 and "reparse: 100%" in terminal and "6/6" in terminal
+    assert "instance/s" not in _run(["reparse", "--all"], env).stderr
+
+    rc, terminal = _on_a_terminal(["recluster", "--candidates", "2", "--workers", "1"], env)
+    assert rc == 0 and "assign: 100%" in terminal and "partition/s" in terminal
+
 
 def test_recluster_prints_each_step_once_and_no_dask_chatter(tmp_path, database_url):
     env = _person_env(tmp_path, database_url)
