@@ -239,10 +239,11 @@ def test_protocol_garbage_is_aborted_and_the_listener_keeps_serving(service):
                  struct.pack(">BBI", 0x04, 0, 6) + b"\x00" * 6]:
         with socket.create_connection(("127.0.0.1", service.port), timeout=10) as sock:
             sock.sendall(junk)
-            sock.shutdown(socket.SHUT_WR)
             try:
+                sock.shutdown(socket.SHUT_WR)
                 reply = sock.recv(64)
-            except ConnectionResetError:
+            except (ConnectionResetError, OSError):
+                # the listener may close first: shutdown then finds no connection (ENOTCONN)
                 reply = b""
             assert reply == b"" or reply[0] == 0x07  # nothing, or an A-ABORT
     assoc = associate(service.port)
