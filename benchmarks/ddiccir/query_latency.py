@@ -22,7 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch  # noqa: E402
 
-from pipelines.backbone import Backbone, build_densenet121, extract_features  # noqa: E402
+from pipelines.backbone import (Backbone, build_densenet121, default_precision,  # noqa: E402
+                                extract_features)
 from pipelines.ddiccir import (DDicCIRModel, PipelineConfig, encode_queries,  # noqa: E402
                                normalise_rows, rank_by_code)
 
@@ -46,13 +47,13 @@ def main() -> int:
     parser.add_argument("--index", type=int, default=100_000)
     parser.add_argument("--batches", default="1,8,32")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"),
+                        help="default: what the service picks for the device")
     args = parser.parse_args()
     device = torch.device(args.device)
-    module = build_densenet121().eval().to(device)
-    if device.type == "cuda":
-        module = module.to(memory_format=torch.channels_last)
+    module = build_densenet121().eval().to(device).to(memory_format=torch.channels_last)
     backbone = Backbone(module=module, device=device, model_version="benchmark",
-                        precision="bf16" if device.type == "cuda" else "fp32")
+                        precision=args.precision or default_precision(device))
     model = random_model(args.device)
     model.layer1_grams, model.layer2_gram  # computed once, as a warm service has them
     generator = torch.Generator().manual_seed(1)
@@ -67,7 +68,8 @@ def main() -> int:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    print(f"device {device}, torch threads {torch.get_num_threads()}, index {args.index:,}")
+    print(f"device {device}, torch threads {torch.get_num_threads()}, index {args.index:,}, "
+          f"precision {backbone.precision}")
     for batch in (int(b) for b in args.batches.split(",")):
         images = torch.randn(batch, 3, 224, 224)
         query(images)  # warm
