@@ -102,9 +102,13 @@ def test_the_read_only_role_may_query_similar_images(annotated):
     with engine.connect() as conn:
         conn.execute(sa.text("SET ROLE pacs_readonly"))
         hits = conn.execute(sa.text("SELECT * FROM similar_images(:u, 3)"), {"u": query}).all()
+        # leaving out the query's study reads patient tables the role may not read itself
+        other_studies = conn.execute(sa.text(
+            "SELECT * FROM similar_images(:u, 3, 'same-patient')"), {"u": query}).all()
         clusters = conn.execute(sa.text(
             "SELECT count(DISTINCT image_cluster) FROM image_annotations")).scalar()
     assert len(hits) == 3 and all(h.modality == "CT" for h in hits)
+    assert len(other_studies) <= 3
     assert clusters == SMALL.n_clusters
 
 

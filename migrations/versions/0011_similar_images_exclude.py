@@ -7,6 +7,12 @@ instance of the query's patient, by PatientID and issuer, and of its study; an e
 PatientID names no one, so it leaves out only the study), the rules of ``pacs-annotate query
 --exclude``. Any other value is an error. Calls with two arguments keep working.
 
+The exclusion reads ``instances``, ``studies`` and ``patients``, which the read-only role may
+not (patient data). The function runs with its owner's rights (``SECURITY DEFINER``, with the
+search path of the migration pinned so that no caller's schema can stand in for those
+tables) and returns only what it returned before: hits, scores, clusters, modality and body
+part.
+
 Revision ID: 0011
 Revises: 0010
 Create Date: 2026-12-07
@@ -26,7 +32,7 @@ CREATE FUNCTION similar_images(query_uid text, n integer DEFAULT 20, exclude tex
 RETURNS TABLE (sop_instance_uid text, score double precision, image_cluster integer,
                same_cluster boolean, tag_cluster integer, tag_cluster_outlier boolean,
                modality text, body_part text)
-LANGUAGE plpgsql STABLE AS $$
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path FROM CURRENT AS $$
 BEGIN
     IF exclude IS NULL OR exclude NOT IN ('none', 'same-study', 'same-patient') THEN
         RAISE EXCEPTION 'exclude must be none, same-study or same-patient, got %', exclude
