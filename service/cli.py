@@ -155,16 +155,6 @@ def _stop_on_signals() -> threading.Event:
     return stop
 
 
-def _stderr_lines(quiet: bool = False):
-    """The progress callback of the long commands: one line per step on stderr (above a
-    progress bar, when one is drawn)."""
-    if quiet:
-        return None
-    from tqdm import tqdm
-
-    return lambda line: tqdm.write(line, file=sys.stderr)
-
-
 def _progress_stream(quiet: bool = False):
     """Where a long job draws its progress: stderr when it is a terminal, else nowhere."""
     from .progress import on_terminal
@@ -293,10 +283,11 @@ def cmd_train_backbone(args: argparse.Namespace) -> int:
     from pipelines.backbone_training import RadiologyAugment, train_backbone
 
     from .backbone_data import build_training_set
+    from .progress import stderr_lines
 
     settings = _settings(args)
     out = Path(args.out)
-    say = _stderr_lines()
+    say = stderr_lines()
     with _database(settings) as database:
         try:
             training = build_training_set(
@@ -378,13 +369,14 @@ def cmd_image_model(args: argparse.Namespace) -> int:
 
     from .image_annotation import train_image_model
     from .image_worker import resolve_device
+    from .progress import stderr_lines
 
     settings = _settings(args)
     config = PipelineConfig(n_clusters=args.clusters, max_outer_iter=args.max_iterations,
                             seed=args.seed, device=resolve_device(settings.image_device),
                             use_layer2=not args.no_layer2, reiterate=not args.no_reiteration,
                             pooling=args.pooling)
-    say = _stderr_lines(args.quiet)
+    say = stderr_lines(args.quiet)
     with _database(settings) as database:
         try:
             model_id = train_image_model(
@@ -761,6 +753,7 @@ EXIT_LOCKED = 75  # EX_TEMPFAIL: another recluster runs; cron may simply try aga
 def cmd_recluster(args: argparse.Namespace) -> int:
     from parsers.selection import FeatureSelection, SelectionError, default_selection
 
+    from .progress import stderr_lines
     from .tag_clusters import ReclusterError, ReclusterLocked, ReclusterOptions, recluster
 
     try:
@@ -771,10 +764,11 @@ def cmd_recluster(args: argparse.Namespace) -> int:
         return 2
     options = ReclusterOptions(
         selection=selection, candidates=args.candidates, max_profiles=args.max_profiles,
-        min_profiles_per_cluster=args.min_profiles_per_cluster, random_state=args.seed, partition_rows=args.partition_rows, scheduler=args.scheduler,
+        min_profiles_per_cluster=args.min_profiles_per_cluster, random_state=args.seed,
+        partition_rows=args.partition_rows, scheduler=args.scheduler,
         n_workers=args.workers, keep_runs=args.keep_runs, force=args.force,
         restart=args.restart)
-    progress = _stderr_lines(args.quiet)
+    progress = stderr_lines(args.quiet)
     settings = _settings(args)
     with _database(settings) as database:
         try:

@@ -930,13 +930,13 @@ def evaluate_stored(
         return "about " + _minutes(sum(known.get(kind, 0.0) * remaining[kind]
                                        for kind in (False, True))) + " left"
 
-    from tqdm import tqdm
+    from .progress import progress as progress_bar
 
     shown = table_n if table_n in kept else kept[-1]
-    with tqdm(total=len(methods) * folds, unit="fold", desc="evaluate", disable=not bar,
-              file=sys.stderr, dynamic_ncols=True,
-              bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} folds "
-                         "[{elapsed}, {postfix}]") as bar_:
+    with progress_bar(total=len(methods) * folds, unit="fold", desc="evaluate",
+                      quiet=not bar,
+                      bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} "
+                                 "folds [{elapsed}, {postfix}]") as bar_:
         bar_.set_postfix_str(time_left())
         for name in methods:
             method = METHODS[name]
@@ -1317,22 +1317,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     labels or options, or when no labelled instance has features."""
     from .cli import _database, _settings
     from .image_worker import resolve_device
+    from .progress import on_terminal, stderr_lines
 
     settings = _settings(args)
-    try:
-        bar = not args.quiet and sys.stderr.isatty()
-    except (AttributeError, ValueError):
-        bar = False
-    if args.quiet:
-        say = None
-    elif bar:
-        from tqdm import tqdm
-
-        def say(line: str) -> None:  # above the bar, never through it
-            tqdm.write(line, file=sys.stderr)
-    else:
-        def say(line: str) -> None:
-            print(line, file=sys.stderr, flush=True)
+    bar = not args.quiet and on_terminal()
+    say = stderr_lines(args.quiet)
     out = Path(args.out or f"evaluation-{datetime.now():%Y%m%d-%H%M%S}")
     try:
         labels = read_labels(args.labels)

@@ -19,7 +19,7 @@ from typing import Callable, Iterable, TypeVar
 
 from tqdm import tqdm
 
-__all__ = ["progress", "on_terminal", "counts_callback"]
+__all__ = ["progress", "on_terminal", "counts_callback", "stderr_lines"]
 
 T = TypeVar("T")
 
@@ -59,3 +59,11 @@ def counts_callback(bar: tqdm) -> Callable[[int, int], None]:
         seen = done
 
     return report
+
+
+def stderr_lines(quiet: bool = False) -> Callable[[str], None] | None:
+    """The line callback of the long commands: one line per step on stderr, written above
+    a progress bar when one is drawn (never through it); None when ``quiet``."""
+    if quiet:
+        return None
+    return lambda line: tqdm.write(line, file=sys.stderr)
