@@ -1,7 +1,7 @@
 """Wrap the MedNIST sample as DICOM Secondary Capture files, to send through the listener.
 
     python benchmarks/mednist/wrap_as_dicom.py OUT_DIR [--mednist ../shared/data/mednist]
-        [--per-class N] [--seed 0] [--without-labels]
+        [--per-class N] [--seed 0] [--without-labels] [--exclude-csv OTHER/labels.csv]
 
 Each 64 x 64 JPEG becomes one Secondary Capture Image Storage instance (Explicit VR Little
 Endian, 8-bit grey, MONOCHROME2) whose Modality and BodyPartExamined come from
@@ -24,6 +24,8 @@ Writes to OUT_DIR:
   ``pacs-annotate evaluate --labels``.
 
 ``--per-class N`` wraps a seeded sample of N images of each class (default: all).
+``--exclude-csv`` leaves out the images of another run's ``labels.csv`` before sampling, so
+that an archive part and a query part never share an image.
 """
 
 from __future__ import annotations
@@ -93,12 +95,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--without-labels", action="store_true",
                         help="Modality OT and no BodyPartExamined: pixels only")
+    parser.add_argument("--exclude-csv", type=Path, action="append", default=[],
+                        help="leave out the images listed in this labels.csv (repeatable)")
     args = parser.parse_args(argv)
+
+    excluded: set[str] = set()
+    for other in args.exclude_csv:
+        with other.open(newline="") as handle:
+            excluded.update(row["image"] for row in csv.DictReader(handle))
 
     with (args.mednist / "labels.csv").open(newline="") as handle:
         rows = list(csv.DictReader(handle))
     by_class: dict[str, list[dict]] = {}
     for row in rows:
+        if row["image"] in excluded:
+            continue
         by_class.setdefault(row["label"], []).append(row)
     chosen: list[dict] = []
     for label in sorted(by_class):
