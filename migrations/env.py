@@ -5,8 +5,8 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import create_engine
 
-from service.db import sqlalchemy_url
-from service.schema import metadata
+from service.database.engine import sqlalchemy_url
+from service.database.schema import metadata
 
 config = context.config
 target_metadata = metadata

@@ -14,13 +14,41 @@ import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 _AE_TITLE = re.compile(r"^[\x20-\x7e]{1,16}$")
 
 
 class ConfigError(ValueError):
     """A setting has a value the service cannot use."""
+
+
+_PEER = re.compile(r"^([\x20-\x7e]{1,16})=(\[[0-9A-Fa-f:.]+\]|[^:=\s]+):(\d{1,5})$")
+
+
+@dataclass(frozen=True)
+class Peer:
+    """Where a requester's AE listens for the report on a new association."""
+
+    ae_title: str
+    host: str
+    port: int
+
+
+def parse_peer(entry: str) -> Peer:
+    """``AE=host:port`` (an IPv6 address in brackets) -> :class:`Peer`."""
+    match = _PEER.match(entry.strip())
+    if not match or not match.group(1).strip() or not 0 < int(match.group(3)) < 65536:
+        raise ConfigError(f"storage_commitment_peers entry {entry!r}: expected AE=host:port")
+    return Peer(match.group(1).strip(), match.group(2).strip("[]"), int(match.group(3)))
+
+
+def parse_peers(entries: Iterable[str]) -> dict[str, Peer]:
+    peers: dict[str, Peer] = {}
+    for entry in entries:
+        peer = parse_peer(entry)
+        peers[peer.ae_title] = peer
+    return peers
 
 
 def _split_list(value: str | list[str]) -> tuple[str, ...]:
@@ -95,8 +123,6 @@ class Settings:
                 raise ConfigError(f"allowed_networks entry {network!r} is not an address or "
                                   "network (CIDR)") from None
         if self.storage_commitment_peers:
-            from .storage_commitment import parse_peers
-
             parse_peers(self.storage_commitment_peers)  # ConfigError on a bad entry
         if not 0 < self.port < 65536:
             raise ConfigError(f"port {self.port} is outside 1-65535")

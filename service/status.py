@@ -7,7 +7,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from .work_queue import IMAGE_STAGE_IN_USE
+from .database.work_queue import IMAGE_STAGE_IN_USE
 
 _COUNTERS = sa.text(
     """

@@ -24,10 +24,10 @@ except ImportError:
 from sqlalchemy.engine import make_url
 
 from service.config import Settings, load_settings
-from service.db import create_db_engine, migrate, sqlalchemy_url
-from service.ingest import Ingestor
-from service.scp import start_listener
-from service.storage import FileStore
+from service.database.engine import create_db_engine, migrate, sqlalchemy_url
+from service.ingest.ingestor import Ingestor
+from service.ingest.scp import start_listener
+from service.ingest.storage import FileStore
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DICOM = REPO_ROOT.parent / "shared" / "data" / "dicom"
@@ -105,7 +105,7 @@ class RunningService:
 def leftover_temps(storage: Path) -> list[Path]:
     """Temp names of unfinished stores: what a finished store or a clean start-up must not
     leave.  The spare files a running listener keeps ready live in sub-folders."""
-    from service.storage import INCOMING
+    from service.ingest.storage import INCOMING
 
     return sorted((storage / INCOMING).glob("*.tmp"))
 

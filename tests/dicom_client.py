@@ -21,7 +21,7 @@ from pynetdicom.pdu_primitives import (
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage, Verification
 
-from service.acceptor import C_STORE_RQ, encode_command, p_data_pdu
+from service.ingest.acceptor import C_STORE_RQ, encode_command, p_data_pdu
 
 CT_SMALL = get_testdata_file("CT_small.dcm")
 MR_SMALL = get_testdata_file("MR_small.dcm")
@@ -158,8 +158,8 @@ def encode_dataset(ds: Dataset) -> bytes:
 
 def ingest_datasets(engine, storage, datasets) -> None:
     """Store datasets through the ingest path without a network (as ``import`` does)."""
-    from service.ingest import Ingestor
-    from service.storage import FileStore
+    from service.ingest.ingestor import Ingestor
+    from service.ingest.storage import FileStore
 
     with Ingestor(engine, FileStore(storage)) as ingestor:
         for ds in datasets:

@@ -9,7 +9,7 @@ import json
 import pytest
 import sqlalchemy as sa
 
-from service import analysis, features
+from service.tags import analysis, features
 from service.cli import main
 
 from .dicom_client import ingest_datasets, make_ct

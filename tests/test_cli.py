@@ -405,9 +405,9 @@ def test_visual_check_with_a_backbone_trained_on_the_tested_run_warns(
     import torch
 
     from pipelines.backbone import CHECKPOINT_FORMAT, load_backbone
-    from service import features, tag_clusters
+    from service.tags import features, tag_clusters
     from service.cli import main
-    from service.image_worker import ImageWorker, enqueue_missing
+    from service.images.image_worker import ImageWorker, enqueue_missing
 
     from .dicom_client import ingest_datasets
     from .test_image_annotation import _images

@@ -13,7 +13,7 @@ from PIL import Image
 
 from pipelines.kmedoids import KMedoids
 from pipelines.model_selection import choose_k, silhouette_samples
-from service.cluster_report import (
+from service.tags.cluster_report import (
     ClusterReportData,
     render_cluster_report,
     silhouette_bar_layout,

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from service.config import ConfigError, load_settings
-from service.db import redact, sqlalchemy_url
+from service.database.engine import redact, sqlalchemy_url
 
 
 def test_defaults():

@@ -11,7 +11,7 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
-from service.dicom_header import (
+from service.ingest.dicom_header import (
     STATUS_MALFORMED_UID,
     STATUS_MISSING_UID,
     STATUS_UNDECODABLE,

@@ -6,8 +6,8 @@ import psycopg
 import pytest
 import sqlalchemy as sa
 
-from service.db import create_db_engine
-from service.driver_connection import DriverConnection, PreparedStatement, text_parameter
+from service.database.engine import create_db_engine
+from service.database.driver_connection import DriverConnection, PreparedStatement, text_parameter
 
 
 def test_placeholders_are_numbered_in_order_of_first_use():

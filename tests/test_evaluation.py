@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from pipelines.ddiccir import PipelineConfig
-from service.evaluation import (METHODS, LabelError, LabelSet,
+from service.images.evaluation import (METHODS, LabelError, LabelSet,
                                 NoLabelledFeatures, StoredFeatures, add_evaluate_parser,
                                 evaluate, evaluate_stored, excluded_pairs, format_table,
                                 group_folds, load_stored_features, read_labels,
@@ -262,7 +262,7 @@ def test_group_column_of_the_labels_csv_is_the_default_group(tmp_path):
 
 
 def test_each_method_is_saved_when_done_and_a_rerun_skips_it(tmp_path, monkeypatch):
-    from service import evaluation
+    from service.images import evaluation
 
     stored, labels = _planted(8)
     out = tmp_path / "run"
@@ -322,8 +322,8 @@ def _evaluate_command(argv: list[str]) -> int:
 def test_evaluate_stored_images_end_to_end(engine, settings, tmp_path, weights,  # noqa: F811
                                            monkeypatch, capsys):
     from pipelines.backbone import load_backbone
-    from service import features
-    from service.image_worker import ImageWorker, enqueue_missing
+    from service.tags import features
+    from service.images.image_worker import ImageWorker, enqueue_missing
 
     from .dicom_client import ingest_datasets
 

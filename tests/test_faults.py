@@ -16,8 +16,8 @@ import pytest
 import sqlalchemy as sa
 
 from service.config import load_settings
-from service.db import create_db_engine, migrate, start_embedded
-from service.storage import INCOMING
+from service.database.engine import create_db_engine, migrate, start_embedded
+from service.ingest.storage import INCOMING
 
 from .conftest import REPO_ROOT, _start_service, leftover_temps
 from .dicom_client import associate, make_ct

@@ -7,7 +7,7 @@ import time
 import sqlalchemy as sa
 
 from parsers import FEATURE_COLUMNS, PARSER_VERSION
-from service import features
+from service.tags import features
 
 from .dicom_client import associate, ingest_datasets, make_ct
 

@@ -17,7 +17,7 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from service.storage import INCOMING  # noqa: E402
+from service.ingest.storage import INCOMING  # noqa: E402
 
 from .conftest import leftover_temps  # noqa: E402
 from .dicom_client import RawAssociation, associate, encode_dataset, make_ct  # noqa: E402

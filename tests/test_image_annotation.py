@@ -10,9 +10,9 @@ import pytest
 import sqlalchemy as sa
 
 from pipelines.ddiccir import PipelineConfig
-from service import features
-from service.image_annotation import SimilarImages, train_image_model
-from service.image_worker import ImageWorker, enqueue_missing
+from service.tags import features
+from service.images.image_annotation import SimilarImages, train_image_model
+from service.images.image_worker import ImageWorker, enqueue_missing
 
 from .dicom_client import ingest_datasets, make_ct
 from .test_image_worker import SIZE, weights  # noqa: F401  (fixture)
@@ -266,7 +266,7 @@ def test_cli_query_by_file_uses_the_active_models_backbone(annotated, settings, 
 
 def test_hits_say_when_their_tags_fit_no_tag_cluster(annotated, database_url, capsys,
                                                      settings, monkeypatch):
-    from service import tag_clusters
+    from service.tags import tag_clusters
     from service.cli import main
 
     from .test_tag_clusters import _options
@@ -311,7 +311,7 @@ def test_cli_visual_check_prints_the_t_test(engine, tmp_path, weights, settings,
     """Tag groups that coincide with visual patterns: images sit closer to their tag
     cluster's mean feature than to a permuted cluster's (method.md A.8)."""
     from pipelines.backbone import load_backbone
-    from service import tag_clusters
+    from service.tags import tag_clusters
     from service.cli import main
 
     from .test_tag_clusters import _options

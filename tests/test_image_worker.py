@@ -20,9 +20,9 @@ from pydicom.data import get_testdata_file
 
 from pipelines.backbone import build_densenet121, extract_features, load_backbone
 from pipelines.pixels import file_to_image
-from service import work_queue
-from service.feature_store import read_map
-from service.image_worker import (
+from service.database import work_queue
+from service.images.feature_store import read_map
+from service.images.image_worker import (
     NEEDS_DECODER,
     STAGE,
     ImageWorker,

@@ -6,8 +6,8 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
-from service.db import alembic_config, migrate
-from service.schema import metadata
+from service.database.engine import alembic_config, migrate
+from service.database.schema import metadata
 
 
 def test_migrated_schema_matches_the_table_definitions(engine):

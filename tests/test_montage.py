@@ -25,14 +25,14 @@ from PIL import Image
 from sqlalchemy.engine import make_url
 
 from pipelines.pixels import IMAGENET_MEAN, IMAGENET_STD, file_to_image
-from service import features, tag_clusters
-from service.db import create_db_engine, migrate, sqlalchemy_url
+from service.tags import features, tag_clusters
+from service.database.engine import create_db_engine, migrate, sqlalchemy_url
 from service.html_report import THUMBNAIL_SIZE, Tile, montage_html, short_uid, thumbnail_png
-from service.image_annotation import SimilarImages, train_image_model
-from service.image_report import (image_cluster_samples, tag_cluster_montages,
+from service.images.image_annotation import SimilarImages, train_image_model
+from service.images.image_report import (image_cluster_samples, tag_cluster_montages,
                                   tag_cluster_samples, write_image_model_report,
                                   write_query_report)
-from service.image_worker import ImageWorker, enqueue_missing
+from service.images.image_worker import ImageWorker, enqueue_missing
 
 from .dicom_client import ingest_datasets, make_ct
 from .test_image_annotation import SMALL, _pattern
@@ -238,7 +238,7 @@ def test_image_model_report_shows_every_image_and_tag_cluster(archive, tmp_path)
 
 
 def test_tag_cluster_report_shows_each_clusters_members(archive, tmp_path):
-    from service.cluster_report import render_cluster_report
+    from service.tags.cluster_report import render_cluster_report
 
     data = tag_clusters.report_data(archive["engine"])
     montages = tag_cluster_montages(archive["engine"], archive["storage"], data.run_id,
@@ -336,7 +336,7 @@ def _body_counts(dom: str) -> tuple[int, int]:
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed "
                     "(Debian: apt-get install chromium)")
 def test_pages_render_in_chromium_and_every_image_loads(archive, tmp_path, monkeypatch):
-    from service.cluster_report import render_cluster_report
+    from service.tags.cluster_report import render_cluster_report
     from service.cli import main
 
     pages = {"image-model": _image_model_report(archive, tmp_path)}

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from parsers import FEATURE_COLUMNS, ParseResult, parse_instance
-from service.dicom_header import InvalidInstance, read_header, read_tags_pydicom
+from service.ingest.dicom_header import InvalidInstance, read_header, read_tags_pydicom
 
 DICOM_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dicom"
 pytestmark = [

@@ -11,9 +11,9 @@ import pytest
 import sqlalchemy as sa
 from pydicom.uid import generate_uid
 
-from service import features
-from service.image_annotation import SimilarImages, query_identity, train_image_model
-from service.image_worker import ImageWorker, enqueue_missing
+from service.tags import features
+from service.images.image_annotation import SimilarImages, query_identity, train_image_model
+from service.images.image_worker import ImageWorker, enqueue_missing
 
 from .dicom_client import ingest_datasets
 from .test_image_annotation import SMALL, _images

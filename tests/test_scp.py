@@ -11,13 +11,13 @@ import time
 import pydicom
 import pytest
 
-from service.dicom_header import (
+from service.ingest.dicom_header import (
     STATUS_DATASET_MISMATCH,
     STATUS_MALFORMED_UID,
     STATUS_MISSING_UID,
     STATUS_UNDECODABLE,
 )
-from service.storage import INCOMING
+from service.ingest.storage import INCOMING
 
 from .conftest import leftover_temps
 from .dicom_client import RawAssociation, associate, encode_dataset, make_ct
@@ -173,7 +173,7 @@ def test_four_concurrent_associations_store_2000_instances(service, busy_cpus):
     one fails the test instead of passing for the next answer."""
     from pydicom.uid import ExplicitVRLittleEndian
 
-    from service.sender import Requestor
+    from service.ingest.sender import Requestor
 
     from .dicom_client import encode_dataset
 

@@ -17,10 +17,10 @@ from parsers.selection import (
     default_selection,
     select_features,
 )
-from service import analysis, features
+from service.tags import analysis, features
 from service.cli import main
-from service.ingest import Ingestor
-from service.storage import FileStore
+from service.ingest.ingestor import Ingestor
+from service.ingest.storage import FileStore
 
 from .dicom_client import make_ct
 

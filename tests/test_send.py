@@ -22,8 +22,8 @@ import pydicom
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian, RLELossless, generate_uid
 
-from service import acceptor
-from service.sender import (
+from service.ingest import acceptor
+from service.ingest.sender import (
     FAILED,
     MAX_CONTEXTS,
     REJECTED,

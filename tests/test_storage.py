@@ -10,8 +10,8 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from service.ingest import Ingestor
-from service.storage import FileStore, relative_path, sha256_file
+from service.ingest.ingestor import Ingestor
+from service.ingest.storage import FileStore, relative_path, sha256_file
 
 from .dicom_client import CT_SMALL, make_ct
 
@@ -187,7 +187,7 @@ def _flags(path) -> int:
     import array
     import fcntl
 
-    from service import storage
+    from service.ingest import storage
 
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -199,7 +199,7 @@ def _flags(path) -> int:
 
 
 def test_the_incoming_folder_is_a_top_folder_where_the_file_system_has_them(tmp_path):
-    from service import storage
+    from service.ingest import storage
 
     store = FileStore(tmp_path)
     store.prepare()

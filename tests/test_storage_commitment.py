@@ -18,7 +18,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage, StorageCommitmentPushModel
 
-from service.storage_commitment import (
+from service.ingest.storage_commitment import (
     EVENT_ALL_COMMITTED,
     EVENT_FAILURES_EXIST,
     REASON_CLASS_INSTANCE_CONFLICT,
@@ -191,9 +191,9 @@ def test_report_on_a_new_association_to_a_configured_peer(service_factory):
 
 def test_a_report_is_retried_until_the_peer_listens(engine, settings, tmp_path):
     """The peer is down when the report is due; it gets it once it listens."""
-    from service.acceptor import DicomServer
-    from service.scp import acceptor_config, handle_store
-    from service.storage_commitment import Peer, StorageCommitmentSCP
+    from service.ingest.acceptor import DicomServer
+    from service.ingest.scp import acceptor_config, handle_store
+    from service.ingest.storage_commitment import Peer, StorageCommitmentSCP
 
     with socket.socket() as probe:  # a port nobody listens on, yet
         probe.bind(("127.0.0.1", 0))

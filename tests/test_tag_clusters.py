@@ -10,8 +10,8 @@ import pytest
 import sqlalchemy as sa
 from pydicom.uid import generate_uid
 
-from service import features, tag_clusters
-from service.tag_clusters import ReclusterOptions
+from service.tags import features, tag_clusters
+from service.tags.tag_clusters import ReclusterOptions
 
 from .dicom_client import ingest_datasets, make_ct
 
@@ -309,7 +309,7 @@ def test_a_run_with_a_dask_local_cluster_of_processes(archive, database_url):
 def test_the_report_of_the_active_run(archive, database_url, tmp_path):
     import html.parser
 
-    from service.cluster_report import render_cluster_report
+    from service.tags.cluster_report import render_cluster_report
 
     engine, group_of = archive
     tag_clusters.recluster(engine, database_url, _options())

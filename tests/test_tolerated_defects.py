@@ -31,10 +31,10 @@ from pynetdicom.sop_class import (
     SecondaryCaptureImageStorage,
 )
 
-from service.importer import import_directory
-from service.ingest import Ingestor
+from service.ingest.importer import import_directory
+from service.ingest.ingestor import Ingestor
 from service.status import collect_status, format_status
-from service.storage import INCOMING, FileStore
+from service.ingest.storage import INCOMING, FileStore
 
 from .conftest import REPO_ROOT, leftover_temps
 from .dicom_client import RawAssociation, encode_dataset, make_ct

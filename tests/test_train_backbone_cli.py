@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from pipelines.backbone import load_backbone
-from service import tag_clusters
-from service.backbone_data import build_training_set
+from service.tags import tag_clusters
+from service.images.backbone_data import build_training_set
 from service.cli import main
 
 from .test_tag_clusters import _add, _labels, _options

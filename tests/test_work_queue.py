@@ -4,7 +4,7 @@ import threading
 
 import sqlalchemy as sa
 
-from service import work_queue
+from service.database import work_queue
 
 from .dicom_client import ingest_datasets, make_ct
 
@@ -49,7 +49,7 @@ def test_new_images_reach_the_image_stage_by_default_once_it_is_in_use(engine, t
     """Default settings queue only ``tags`` at ingest; the tags stage forwards each parsed
     instance to ``image`` once an image model or image features exist, and ``status``
     counts the instances that wait without an item."""
-    from service import features
+    from service.tags import features
     from service.config import Settings
     from service.status import collect_status, format_status
 

@@ -37,8 +37,8 @@ from sqlalchemy.engine import make_url
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from service.analysis import load_run, run_analysis  # noqa: E402
-from service.db import create_db_engine, migrate, sqlalchemy_url  # noqa: E402
+from service.tags.analysis import load_run, run_analysis  # noqa: E402
+from service.database.engine import create_db_engine, migrate, sqlalchemy_url  # noqa: E402
 
 DB_NAME = "bench_analyze"
 

@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from synthetic_archive import make_archive  # noqa: E402
 
-from service.db import create_db_engine, migrate, start_embedded  # noqa: E402
-from service.tag_clusters import ReclusterOptions, recluster  # noqa: E402
+from service.database.engine import create_db_engine, migrate, start_embedded  # noqa: E402
+from service.tags.tag_clusters import ReclusterOptions, recluster  # noqa: E402
 
 
 class PeakMemory:

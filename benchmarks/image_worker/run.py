@@ -33,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from pipelines.backbone import build_densenet121, extract_features, load_backbone  # noqa: E402
 from pipelines.pixels import file_to_image  # noqa: E402
-from service.db import create_db_engine, migrate, start_embedded  # noqa: E402
-from service.image_worker import ImageWorker, enqueue_missing  # noqa: E402
+from service.database.engine import create_db_engine, migrate, start_embedded  # noqa: E402
+from service.images.image_worker import ImageWorker, enqueue_missing  # noqa: E402
 
 
 def make_ct_slice(rng: np.random.Generator, study: str, series: str, number: int):
@@ -68,8 +68,8 @@ def ingest_slices(engine, storage: Path, count: int) -> None:
 
     from pydicom.uid import generate_uid
 
-    from service.ingest import Ingestor
-    from service.storage import FileStore
+    from service.ingest.ingestor import Ingestor
+    from service.ingest.storage import FileStore
 
     rng = np.random.default_rng(0)
     study, series = generate_uid(), generate_uid()

@@ -34,7 +34,7 @@ def pynetdicom_receiver(port: int) -> None:
 
 
 def our_receiver(port: int) -> None:
-    from service.acceptor import AcceptorConfig, DicomServer
+    from service.ingest.acceptor import AcceptorConfig, DicomServer
 
     DicomServer(("127.0.0.1", port), AcceptorConfig(ae_title="BARE"), lambda request: 0).start()
 

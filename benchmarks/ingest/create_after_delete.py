@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from service.storage import mark_top_directory  # noqa: E402
+from service.ingest.storage import mark_top_directory  # noqa: E402
 
 
 def one_round(root: Path, files: int, top_folder: bool) -> tuple[float, int, bool]:

@@ -29,7 +29,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     sys.path.insert(0, args.repo)
-    from service.dicom_header import read_header
+    from service.ingest.dicom_header import read_header
 
     kwargs = {}
     if "tolerate_invalid_uids" in inspect.signature(read_header).parameters:

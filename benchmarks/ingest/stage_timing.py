@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import os
 import resource
 import shutil
@@ -24,11 +25,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from service import ingest, scp, storage  # noqa: E402
-from service.cli import _database  # noqa: E402
 from service.config import load_settings  # noqa: E402
+from service.database.engine import migrate, open_database  # noqa: E402
+from service.ingest import ingestor as ingest, scp, storage  # noqa: E402
 
 TIMES: dict[str, list[float]] = collections.defaultdict(list)
+
+
+@contextlib.contextmanager
+def _database(settings):
+    """The configured database, migrated (as the CLI opens it)."""
+    with open_database(settings) as database:
+        migrate(database.engine)
+        yield database
 
 
 def timed(owner, name: str, label: str) -> None:

@@ -167,8 +167,8 @@ def main() -> int:
     from pipelines.backbone import build_densenet121, load_backbone
     from pipelines.retrieval_metrics import cluster_purity
     from service.config import load_settings
-    from service.db import open_database
-    from service.image_annotation import SimilarImages
+    from service.database.engine import open_database
+    from service.images.image_annotation import SimilarImages
 
     archive_labels = read_labels(work / "archive" / "labels.csv")
     query_rows = list(read_labels(work / "queries" / "labels.csv").values())

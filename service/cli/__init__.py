@@ -12,9 +12,9 @@ import threading
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from . import __version__
-from .config import ConfigError, Settings, load_settings
-from .db import Database
+from .. import __version__
+from ..config import ConfigError, Settings, load_settings
+from ..database.engine import Database
 
 log = logging.getLogger("pacs_annotate")
 
@@ -135,8 +135,8 @@ def _settings(args: argparse.Namespace) -> Settings:
 def _database(settings: Settings, *, migrate: bool = True) -> Iterator[Database]:
     """The configured database, migrated; the embedded one stops when the block ends,
     also when the migration fails."""
-    from .db import migrate as run_migrations
-    from .db import open_database, redact
+    from ..database.engine import migrate as run_migrations
+    from ..database.engine import open_database, redact
 
     with open_database(settings) as database:
         if migrate:
@@ -157,7 +157,7 @@ def _stop_on_signals() -> threading.Event:
 
 def _progress_stream(quiet: bool = False):
     """Where a long job draws its progress: stderr when it is a terminal, else nowhere."""
-    from .progress import on_terminal
+    from ..progress import on_terminal
 
     return None if quiet or not on_terminal() else sys.stderr
 
@@ -169,7 +169,7 @@ def _vocabulary(settings: Settings):
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .scp import ensure_port_free, ingestor_for, serve_forever
+    from ..ingest.scp import ensure_port_free, ingestor_for, serve_forever
 
     settings = _settings(args)
     ensure_port_free(settings.bind_address, settings.port)
@@ -193,7 +193,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     name = f"{socket.gethostname()}:{os.getpid()}/{args.stage}"
     if args.stage == "image":
         return _run_image_worker(settings, name, args)
-    from .features import TagsWorker
+    from ..tags.features import TagsWorker
 
     vocabulary = _vocabulary(settings)
     with _database(settings) as database:
@@ -218,8 +218,8 @@ def _pending(engine, stage: str) -> int:
 
 def _drain_tags(engine, name: str, vocabulary, batch: int, stop: threading.Event) -> int:
     """``worker --stage tags --drain``: parse what is queued now, then exit."""
-    from .features import STAGE, process_queue_batch
-    from .progress import progress
+    from ..tags.features import STAGE, process_queue_batch
+    from ..progress import progress
 
     done = 0
     with progress(total=_pending(engine, STAGE), desc="tags", unit="instance") as bar:
@@ -236,7 +236,7 @@ def _drain_tags(engine, name: str, vocabulary, batch: int, stop: threading.Event
 def _run_image_worker(settings: Settings, name: str, args: argparse.Namespace) -> int:
     from pipelines.backbone import WeightsMissingError, load_backbone
 
-    from .image_worker import (ImageWorker, enqueue_missing, requeue_missing_decoders,
+    from ..images.image_worker import (ImageWorker, enqueue_missing, requeue_missing_decoders,
                                resolve_device)
 
     device = resolve_device(settings.image_device)
@@ -265,7 +265,7 @@ def _run_image_worker(settings: Settings, name: str, args: argparse.Namespace) -
                                                     "model_version": backbone.model_version,
                                                     "input_size": backbone.input_size})
             if args.drain:
-                from .progress import progress
+                from ..progress import progress
 
                 with progress(total=_pending(database.engine, "image"), desc="image features",
                               unit="image") as bar:
@@ -282,8 +282,8 @@ def cmd_train_backbone(args: argparse.Namespace) -> int:
 
     from pipelines.backbone_training import RadiologyAugment, train_backbone
 
-    from .backbone_data import build_training_set
-    from .progress import stderr_lines
+    from ..images.backbone_data import build_training_set
+    from ..progress import stderr_lines
 
     settings = _settings(args)
     out = Path(args.out)
@@ -307,7 +307,7 @@ def cmd_train_backbone(args: argparse.Namespace) -> int:
            f"with the nearest medoid: " + ", ".join(
                f"{small}->{kept}" for small, kept in sorted(merged.items())) if merged else "")
         + ")")
-    from .progress import counts_callback, progress
+    from ..progress import counts_callback, progress
 
     stop = _stop_on_signals()
     with progress(total=args.epochs, desc="train-backbone", unit="batch") as bar:
@@ -367,9 +367,9 @@ def cmd_train_backbone(args: argparse.Namespace) -> int:
 def cmd_image_model(args: argparse.Namespace) -> int:
     from pipelines.ddiccir import PipelineConfig
 
-    from .image_annotation import train_image_model
-    from .image_worker import resolve_device
-    from .progress import stderr_lines
+    from ..images.image_annotation import train_image_model
+    from ..images.image_worker import resolve_device
+    from ..progress import stderr_lines
 
     settings = _settings(args)
     config = PipelineConfig(n_clusters=args.clusters, max_outer_iter=args.max_iterations,
@@ -394,7 +394,7 @@ def cmd_image_model(args: argparse.Namespace) -> int:
 
 
 def _write_image_report(engine, storage_root: Path, out: Path, model_id: int | None) -> int:
-    from .image_report import write_image_model_report
+    from ..images.image_report import write_image_model_report
 
     try:
         print(f"wrote {write_image_model_report(engine, storage_root, out, model_id)}")
@@ -419,8 +419,8 @@ def cmd_query(args: argparse.Namespace) -> int:
 
     from pipelines.pixels import NotAnImage, PixelDecodeError
 
-    from .image_annotation import SimilarImages, query_identity
-    from .image_worker import resolve_device
+    from ..images.image_annotation import SimilarImages, query_identity
+    from ..images.image_worker import resolve_device
 
     settings = _settings(args)
     device = resolve_device(settings.image_device)
@@ -445,7 +445,7 @@ def cmd_query(args: argparse.Namespace) -> int:
         elapsed = time.perf_counter() - started
         hits = similar.with_tags(ranked)
         if args.html:  # the query image beside its hits, thumbnails from the stored files
-            from .image_report import write_query_report
+            from ..images.image_report import write_query_report
 
             try:
                 write_query_report(database.engine, settings.storage_path, Path(args.html),
@@ -548,11 +548,11 @@ def _circular_backbone(settings: Settings, feature_versions: set[str],
 def cmd_reparse(args: argparse.Namespace) -> int:
     from parsers import PARSER_VERSION
 
-    from .features import reparse
+    from ..tags.features import reparse
 
     settings = _settings(args)
     vocabulary = _vocabulary(settings)
-    from .progress import counts_callback, progress
+    from ..progress import counts_callback, progress
 
     with _database(settings) as database, \
             progress(desc="reparse", unit="instance", quiet=args.quiet) as bar:
@@ -572,8 +572,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from .importer import import_directory
-    from .scp import ingestor_for
+    from ..ingest.importer import import_directory
+    from ..ingest.scp import ingestor_for
 
     settings = _settings(args)
     root = Path(args.directory)
@@ -607,7 +607,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def cmd_send(args: argparse.Namespace) -> int:
-    from .sender import SendOptions, parse_destination, send_directory
+    from ..ingest.sender import SendOptions, parse_destination, send_directory
 
     try:
         host, port = parse_destination(args.to)
@@ -638,7 +638,7 @@ def cmd_send(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from .status import collect_status, format_status
+    from ..status import collect_status, format_status
 
     settings = _settings(args)
     with _database(settings) as database:
@@ -681,7 +681,7 @@ def cmd_sql(args: argparse.Namespace) -> int:
 
 
 def cmd_db_url(args: argparse.Namespace) -> int:
-    from .db import redact
+    from ..database.engine import redact
 
     settings = _settings(args)
     with _database(settings, migrate=False) as database:
@@ -690,7 +690,7 @@ def cmd_db_url(args: argparse.Namespace) -> int:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from .analysis import load_run, run_analysis, write_report
+    from ..tags.analysis import load_run, run_analysis, write_report
 
     settings = _settings(args)
     with _database(settings) as database:
@@ -712,7 +712,7 @@ def cmd_select_features(args: argparse.Namespace) -> int:
 
     from parsers.selection import default_selection, select_features
 
-    from .analysis import AnalysisError, load_run
+    from ..tags.analysis import AnalysisError, load_run
 
     if args.auto:
         settings = _settings(args)
@@ -753,8 +753,8 @@ EXIT_LOCKED = 75  # EX_TEMPFAIL: another recluster runs; cron may simply try aga
 def cmd_recluster(args: argparse.Namespace) -> int:
     from parsers.selection import FeatureSelection, SelectionError, default_selection
 
-    from .progress import stderr_lines
-    from .tag_clusters import ReclusterError, ReclusterLocked, ReclusterOptions, recluster
+    from ..progress import stderr_lines
+    from ..tags.tag_clusters import ReclusterError, ReclusterLocked, ReclusterOptions, recluster
 
     try:
         selection = (FeatureSelection.from_json(Path(args.features).read_text(encoding="utf-8"))
@@ -792,9 +792,9 @@ def cmd_recluster(args: argparse.Namespace) -> int:
 
 
 def _write_cluster_report(engine, run_id: int | None, out: Path, storage_root: Path) -> int:
-    from .cluster_report import render_cluster_report
-    from .image_report import tag_cluster_montages
-    from .tag_clusters import ReclusterError, report_data
+    from ..tags.cluster_report import render_cluster_report
+    from ..images.image_report import tag_cluster_montages
+    from ..tags.tag_clusters import ReclusterError, report_data
 
     try:
         data = report_data(engine, run_id)
@@ -1057,7 +1057,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--seed", type=int, default=0)
     check.set_defaults(func=cmd_visual_check)
 
-    from .evaluation import add_evaluate_parser
+    from ..images.evaluation import add_evaluate_parser
 
     add_evaluate_parser(sub, common)
 
@@ -1074,7 +1074,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = build_parser()
     args = parser.parse_args(argv)
-    from .logs import setup_logging
+    from ..logs import setup_logging
 
     from parsers import VocabularyError
 

@@ -13,12 +13,12 @@ from typing import Iterator
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine, make_url
 
-from .config import Settings
-from .processes import process_is_running
+from ..config import Settings
+from ..processes import process_is_running
 
 log = logging.getLogger(__name__)
 
-MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
 
 
 def sqlalchemy_url(url: str) -> str:

@@ -87,7 +87,7 @@ def _medoid_distances(conn: sa.Connection, run_id: int,
     run's stored model cannot give them."""
     from pipelines.gower import gower_matrix
 
-    from .tag_clusters import ReclusterError, load_model
+    from ..tags.tag_clusters import ReclusterError, load_model
 
     try:
         model = load_model(conn, run_id)

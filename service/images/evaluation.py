@@ -930,7 +930,7 @@ def evaluate_stored(
         return "about " + _minutes(sum(known.get(kind, 0.0) * remaining[kind]
                                        for kind in (False, True))) + " left"
 
-    from .progress import progress as progress_bar
+    from ..progress import progress as progress_bar
 
     shown = table_n if table_n in kept else kept[-1]
     with progress_bar(total=len(methods) * folds, unit="fold", desc="evaluate",
@@ -1315,9 +1315,9 @@ def add_evaluate_parser(subparsers, common_parent: argparse.ArgumentParser
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """``pacs-annotate evaluate``: exit 0 with the table printed and saved, 2 on unusable
     labels or options, or when no labelled instance has features."""
-    from .cli import _database, _settings
+    from ..cli import _database, _settings
     from .image_worker import resolve_device
-    from .progress import on_terminal, stderr_lines
+    from ..progress import on_terminal, stderr_lines
 
     settings = _settings(args)
     bar = not args.quiet and on_terminal()

@@ -22,7 +22,7 @@ from typing import Iterable
 
 import numpy as np
 
-from .storage import fsync_dir
+from ..ingest.storage import fsync_dir
 
 MAP_DTYPE = np.float16
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")

@@ -32,9 +32,9 @@ from sqlalchemy.engine import Engine
 from pipelines.ddiccir import (DDicCIRModel, PipelineConfig, fit_pipeline, index_entries,
                                normalise_rows, rank_by_code, select_ranking)
 
-from .logs import log_progress
-from .progress import progress as progress_bar
-from .schema import image_features
+from ..logs import log_progress
+from ..progress import progress as progress_bar
+from ..database.schema import image_features
 
 log = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ from typing import Iterable, Sequence
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from .html_report import (MONTAGE_STYLE, Tile, bar, montage_html, page_end, page_start,
+from ..html_report import (MONTAGE_STYLE, Tile, bar, montage_html, page_end, page_start,
                           thumbnail_png, value_text)
 
 log = logging.getLogger(__name__)

@@ -34,7 +34,7 @@ import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from . import work_queue
+from ..database import work_queue
 from .feature_store import write_shard
 from .image_annotation import (ActiveImageModelCache, annotate_batch, record_backbone,
                                vector_literal)

@@ -15,7 +15,7 @@ from io import BytesIO
 from pathlib import Path
 from typing import Iterator, TextIO
 
-from .ingest import Ingestor, StoreOutcome
+from .ingestor import Ingestor, StoreOutcome
 
 log = logging.getLogger(__name__)
 

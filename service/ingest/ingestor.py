@@ -35,7 +35,7 @@ from .dicom_header import (
     read_header,
     with_media_storage_sop_instance_uid,
 )
-from .driver_connection import DriverConnection, PreparedStatement
+from ..database.driver_connection import DriverConnection, PreparedStatement
 from .storage import FileStore, PendingFile, relative_path, safe_relative_path
 
 log = logging.getLogger(__name__)

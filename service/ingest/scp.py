@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from .acceptor import AcceptorConfig, DicomServer, StoreRequest
-from .config import ConfigError, Settings
+from ..config import ConfigError, Settings
 from .dicom_header import STATUS_UNDECODABLE, encode_part10
-from .ingest import Ingestor
+from .ingestor import Ingestor
 from .storage_commitment import SOP_CLASS as STORAGE_COMMITMENT
 from .storage_commitment import StorageCommitmentSCP, parse_peers
 
@@ -186,8 +186,8 @@ def _child_stop_event() -> threading.Event:
 
 
 def _child_main(settings: Settings, database_url: str, ready: Any) -> None:
-    from .db import create_db_engine
-    from .logs import setup_logging
+    from ..database.engine import create_db_engine
+    from ..logs import setup_logging
 
     setup_logging(settings)
     stop = _child_stop_event()
@@ -214,9 +214,9 @@ def _tags_worker_main(settings: Settings, database_url: str, ready: Any) -> None
     """
     from parsers import load_vocabulary
 
-    from .db import create_db_engine
-    from .features import TagsWorker
-    from .logs import setup_logging
+    from ..database.engine import create_db_engine
+    from ..tags.features import TagsWorker
+    from ..logs import setup_logging
 
     setup_logging(settings)
     os.nice(TAGS_WORKER_NICENESS)

@@ -549,7 +549,7 @@ def send_paths(
 
     A progress bar on stderr when it is a terminal (not with ``quiet``); rejected and failed
     files are logged, one line each (above the bar)."""
-    from .progress import progress
+    from ..progress import progress
 
     report = SendReport()
     table = _CsvReport(report_csv)

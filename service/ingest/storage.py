@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
-from .processes import process_is_running
+from ..processes import process_is_running
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
-import re
 import struct
 import threading
 import time
@@ -44,7 +43,8 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from .acceptor import NO_DATASET, DimseRequest, encode_command
-from .config import ConfigError
+# the storage_commitment_peers setting is parsed where the settings are checked
+from ..config import Peer, parse_peer, parse_peers  # noqa: F401  (part of this API)
 
 if TYPE_CHECKING:
     from .acceptor import Association
@@ -78,9 +78,6 @@ REPORT_ATTEMPTS = 5
 REPORT_RETRY_SECONDS = 30.0
 QUERY_CHUNK = 10_000
 
-_PEER = re.compile(r"^([\x20-\x7e]{1,16})=(\[[0-9A-Fa-f:.]+\]|[^:=\s]+):(\d{1,5})$")
-
-
 class InvalidRequest(ValueError):
     """The N-ACTION-RQ cannot be served; ``status`` is its N-ACTION-RSP status."""
 
@@ -99,31 +96,6 @@ class Reference:
 class CommitmentRequest:
     transaction_uid: str
     references: tuple[Reference, ...]
-
-
-@dataclass(frozen=True)
-class Peer:
-    """Where a requester's AE listens for the report on a new association."""
-
-    ae_title: str
-    host: str
-    port: int
-
-
-def parse_peer(entry: str) -> Peer:
-    """``AE=host:port`` (an IPv6 address in brackets) -> :class:`Peer`."""
-    match = _PEER.match(entry.strip())
-    if not match or not match.group(1).strip() or not 0 < int(match.group(3)) < 65536:
-        raise ConfigError(f"storage_commitment_peers entry {entry!r}: expected AE=host:port")
-    return Peer(match.group(1).strip(), match.group(2).strip("[]"), int(match.group(3)))
-
-
-def parse_peers(entries: Iterable[str]) -> dict[str, Peer]:
-    peers: dict[str, Peer] = {}
-    for entry in entries:
-        peer = parse_peer(entry)
-        peers[peer.ae_title] = peer
-    return peers
 
 
 # ---------------------------------------------------------------- the answer

@@ -18,7 +18,7 @@ from sqlalchemy.engine import Engine
 from parsers import FEATURE_COLUMNS, PARSER_VERSION, Vocabulary, parse_instance
 from parsers.registry import default_vocabulary
 
-from . import work_queue
+from ..database import work_queue
 from .tag_clusters import ActiveModelCache, assign_new_instances, assign_unassigned
 
 log = logging.getLogger(__name__)

@@ -42,7 +42,7 @@ from pipelines.gower import GowerData, NumericRanges, encode_features, gower_to_
 from pipelines.label_matching import match_labels
 from pipelines.tag_clustering import (MIN_PROFILES_PER_CLUSTER, PAPER_CANDIDATES, fit_tag_clusters,
                                       outlier_threshold)
-from .logs import log_progress
+from ..logs import log_progress
 
 log = logging.getLogger(__name__)
 
@@ -372,7 +372,7 @@ _ENGINES: dict[str, Engine] = {}
 
 def _worker_engine(url: str) -> Engine:
     """One small engine per worker process and database."""
-    from .db import create_db_engine
+    from ..database.engine import create_db_engine
 
     engine = _ENGINES.get(url)
     if engine is None:
@@ -434,8 +434,8 @@ def _run_partitions(url: str, model: StoredTagModel, partitions: Sequence[Partit
 
     from pipelines.tag_clustering import PartitionAssignmentError, run_partition_tasks
 
-    from .progress import counts_callback, on_terminal
-    from .progress import progress as progress_bar
+    from ..progress import counts_callback, on_terminal
+    from ..progress import progress as progress_bar
 
     bar = progress_bar(total=len(partitions), desc=f"run {model.run_id}: assign",
                        unit="partition", quiet=progress is None)
