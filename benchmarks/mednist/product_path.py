@@ -42,6 +42,9 @@ def run_step(name: str, command: list[str], timings: dict, env: dict) -> None:
     subprocess.run(command, check=True, env=env, cwd=ROOT)
     timings[name] = round(time.perf_counter() - started, 1)
     print(f"== {name}: {timings[name]:.1f} s (load {os.getloadavg()[0]:.1f})", flush=True)
+    record = Path(env["PACS_DATA_DIR"]).parent / "timings.json"
+    saved = json.loads(record.read_text()) if record.exists() else {}
+    record.write_text(json.dumps({**saved, **timings}, indent=2))
 
 
 def wait_for_port(port: int, process: subprocess.Popen, timeout: float = 300) -> None:
@@ -115,6 +118,8 @@ def main() -> int:
     parser.add_argument("--port", type=int, default=11190)
     parser.add_argument("--skip-to", choices=["train", "worker", "image-model", "query"],
                         help="resume a run whose earlier steps are done")
+    parser.add_argument("--stop-before", choices=["train", "worker", "image-model", "query"],
+                        help="end the run before this step (--skip-to it later)")
     args = parser.parse_args()
 
     work = args.work.resolve()
@@ -126,10 +131,11 @@ def main() -> int:
     wrap = [sys.executable, "benchmarks/mednist/wrap_as_dicom.py"]
     timings: dict[str, float] = {}
     result_path = work / "result.json"
-    result = json.loads(result_path.read_text()) if result_path.exists() else {}
-    timings.update(result.get("timings", {}))
+    if (work / "timings.json").exists():
+        timings.update(json.loads((work / "timings.json").read_text()))
     order = ["train", "worker", "image-model", "query"]
     skip = order.index(args.skip_to) if args.skip_to else -1
+    stop = order.index(args.stop_before) if args.stop_before else len(order)
 
     if skip < 0:
         run_step("wrap archive", wrap + [str(work / "archive"), "--per-class",
@@ -149,16 +155,24 @@ def main() -> int:
             serve.wait(timeout=120)
         run_step("tags worker", cli + ["worker", "--stage", "tags", "--drain"], timings, env)
         run_step("recluster", cli + ["recluster"], timings, env)
+    if stop <= 0:
+        return 0
     if skip < 1:
         run_step("train-backbone", cli + [
             "train-backbone", "--size", str(args.size), "--epochs", str(args.epochs),
             "--out", str(work / "backbone")], timings, env)
     env["PACS_IMAGE_WEIGHTS"] = str(weights)
+    if stop <= 1:
+        return 0
     if skip < 2:
         run_step("image worker", cli + ["worker", "--stage", "image", "--drain"], timings, env)
+    if stop <= 2:
+        return 0
     if skip < 3:
         run_step("image-model", cli + ["image-model", "--report",
                                        str(work / "image-model.html")], timings, env)
+    if stop <= 3:
+        return 0
 
     import numpy as np
     import torch
