@@ -1315,7 +1315,8 @@ def add_evaluate_parser(subparsers, common_parent: argparse.ArgumentParser
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """``pacs-annotate evaluate``: exit 0 with the table printed and saved, 2 on unusable
     labels or options, or when no labelled instance has features."""
-    from ..cli import _database, _settings
+    from ..cli.common import database as _database
+    from ..cli.common import settings_from as _settings
     from .image_worker import resolve_device
     from ..progress import on_terminal, stderr_lines
 
