@@ -14,11 +14,12 @@ import numpy as np
 import pytest
 
 from pipelines.ddiccir import PipelineConfig
+from service.cli.images import add_evaluate_parser
 from service.images.evaluation import (METHODS, LabelError, LabelSet,
-                                NoLabelledFeatures, StoredFeatures, add_evaluate_parser,
-                                evaluate, evaluate_stored, excluded_pairs, format_table,
-                                group_folds, load_stored_features, read_labels,
-                                write_result)
+                                       NoLabelledFeatures, StoredFeatures,
+                                       evaluate, evaluate_stored, excluded_pairs, format_table,
+                                       group_folds, load_stored_features, read_labels,
+                                       write_result)
 
 from .test_image_annotation import SMALL, _images
 from .test_image_worker import SIZE, weights  # noqa: F401  (fixture)

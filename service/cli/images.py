@@ -1,17 +1,21 @@
 """The image stages' commands: the ``image`` worker, ``train-backbone``, ``image-model``,
 ``image-report``, ``query``, ``visual-check`` and ``evaluate``.
 
-Torch, the pipelines and the image stages load inside the verbs."""
+Torch, the pipelines and the image stages load inside the verbs: ``evaluate``'s options, whose
+defaults are the pipeline's, are added when that command is used
+(:func:`~service.cli.common.add_arguments_when_used`)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from datetime import datetime
 from pathlib import Path
+from typing import Sequence
 
-from .common import (Settings, command, database, int_at_least, log, positive_int, share,
-                     stop_on_signals)
+from .common import (Settings, add_arguments_when_used, command, database, int_at_least, log,
+                     positive_int, share, stop_on_signals)
 from .tags import pending
 
 
@@ -341,6 +345,149 @@ def _circular_backbone(settings: Settings, feature_versions: set[str],
             "of ImageNet weights instead")
 
 
+def evaluate(settings: Settings, *, labels: str, out: str | None = None, methods: Sequence[str],
+             folds: int, group_by: str | None = None, exclude: str, clusters: int, seed: int,
+             n: int, cutoffs: Sequence[int], max_images: int | None = None, layer1_atoms: int,
+             layer2_atoms: int, sparsity: int, max_iterations: int, ksvd_iterations: int,
+             patches_per_cluster: int | None, quiet: bool = False) -> int:
+    """``pacs-annotate evaluate``: exit 0 with the table printed and saved, 2 on unusable
+    labels or options, or when no labelled instance has features."""
+    from pipelines.ddiccir import PipelineConfig
+
+    from ..images.evaluation import evaluate as run_evaluation
+    from ..images.evaluation import format_table, read_labels
+    from ..images.image_worker import resolve_device
+    from ..progress import on_terminal, stderr_lines
+
+    bar = not quiet and on_terminal()
+    say = stderr_lines(quiet)
+    folder = Path(out or f"evaluation-{datetime.now():%Y%m%d-%H%M%S}")
+    try:
+        label_set = read_labels(labels)
+        config = PipelineConfig(
+            n_clusters=clusters, layer1_atoms=layer1_atoms,
+            layer2_atoms=layer2_atoms, sparsity=sparsity,
+            max_outer_iter=max_iterations, ksvd_max_iter=ksvd_iterations,
+            patches_per_cluster=patches_per_cluster, seed=seed,
+            device=resolve_device(settings.image_device))
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    with database(settings) as opened:
+        try:
+            result = run_evaluation(opened.engine, settings.feature_store_path, label_set,
+                                    config=config, methods=methods, folds=folds,
+                                    group_by=group_by, exclude=exclude, seed=seed,
+                                    cutoffs=cutoffs, max_images=max_images, progress=say,
+                                    out_dir=folder, table_n=n, bar=bar)
+        except ValueError as exc:  # NoLabelledFeatures included
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    print(format_table(result, n))
+    for name in ("evaluation.csv", "evaluation.json", "table.md"):
+        print(f"wrote {folder / name}")
+    print(f"each method's result: {folder / 'methods'}/<method>.json")
+    return 0
+
+
+def _method_list(text: str) -> tuple[str, ...]:
+    from ..images.evaluation import METHODS
+
+    names = tuple(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))
+    unknown = [name for name in names if name not in METHODS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown method(s) {', '.join(unknown) or '(none given)'}; choose from "
+            f"{', '.join(METHODS)}")
+    return names
+
+
+def _cutoff_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(sorted({int(value) for value in text.split(",") if value.strip()}))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of integers: {text!r}")
+    if not values or values[0] < 1:
+        raise argparse.ArgumentTypeError("cut-offs must be integers >= 1")
+    return values
+
+
+def add_evaluate_parser(subparsers, common_parent: argparse.ArgumentParser
+                        ) -> argparse.ArgumentParser:
+    """Register ``evaluate`` on the CLI's sub-parsers (``common_parent``: --config etc.)."""
+    parser = subparsers.add_parser(
+        "evaluate", parents=[common_parent],
+        help="retrieval quality on labelled images: the DDicCIR paper's Table 1 (features "
+             "only, one dictionary layer, full pipeline, ablations) over k group-disjoint "
+             "folds, with timings",
+        description="Deal the labelled images into k folds that never split a study (or "
+                    "patient, series, or the labels CSV's group), fit each method on k - 1 "
+                    "folds, query with the held-out one, and print and save the mean and "
+                    "spread over folds of P@N, R@N, F1, mAP@N, nDCG, purity (and the IRMA "
+                    "error for IRMA codes). Each method is saved as soon as it is done; "
+                    "running again with the same --out skips methods already finished with "
+                    "the same configuration.")
+    add_arguments_when_used(parser, _evaluate_arguments)
+    parser.set_defaults(func=command(evaluate))
+    return parser
+
+
+def _evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    """``evaluate``'s options; their defaults are the pipeline's (torch)."""
+    from pipelines.ddiccir import PipelineConfig
+    from pipelines.retrieval_metrics import DEFAULT_CUTOFFS
+
+    from ..images.evaluation import (DEFAULT_FOLDS, DEFAULT_METHODS, EVALUATE_KSVD_ITERATIONS,
+                                     EVALUATE_MAX_ITERATIONS, EVALUATE_PATCHES_PER_CLUSTER,
+                                     EXCLUDE_RULES, GROUP_RULES, METHODS)
+
+    defaults = PipelineConfig()
+    parser.add_argument("--labels", required=True,
+                        help="CSV with sop_instance_uid and one of: label (single), labels "
+                             "(several, separated by | or ;), irma (IRMA code); optionally "
+                             "group (patient, case: never split)")
+    parser.add_argument("--out", help="folder for evaluation.csv, evaluation.json, table.md "
+                                      "and methods/*.json (default "
+                                      "./evaluation-YYYYmmdd-HHMMSS); an earlier run's folder "
+                                      "resumes it")
+    parser.add_argument("--methods", type=_method_list, default=DEFAULT_METHODS,
+                        help=f"comma-separated, table order (default: "
+                             f"{','.join(DEFAULT_METHODS)}; all: {','.join(METHODS)})")
+    parser.add_argument("--folds", type=int, default=DEFAULT_FOLDS,
+                        help="k of the k-fold protocol (default 5, the paper's)")
+    parser.add_argument("--group-by", choices=list(GROUP_RULES),
+                        help="what is never both query and index (default: the labels CSV's "
+                             "group column when it has one, else study)")
+    parser.add_argument("--exclude", choices=list(EXCLUDE_RULES), default="same-study",
+                        help="also leave each query's own study or patient out of its "
+                             "candidates (default same-study)")
+    parser.add_argument("--clusters", type=int, default=defaults.n_clusters,
+                        help="k (Table 9: 15)")
+    parser.add_argument("--seed", type=int, default=0, help="folds and fits")
+    parser.add_argument("--n", type=int, default=20, help="the cut-off of the main table")
+    parser.add_argument("--cutoffs", type=_cutoff_list, default=DEFAULT_CUTOFFS,
+                        help="N list (default 5,10,...,40)")
+    parser.add_argument("--max-images", type=int,
+                        help="evaluate a seeded sample of this many labelled images")
+    parser.add_argument("--layer1-atoms", type=int, default=defaults.layer1_atoms)
+    parser.add_argument("--layer2-atoms", type=int, default=defaults.layer2_atoms)
+    parser.add_argument("--sparsity", type=int, default=defaults.sparsity)
+    parser.add_argument("--max-iterations", type=int, default=EVALUATE_MAX_ITERATIONS,
+                        help=f"most k-means re-iteration passes (default "
+                             f"{EVALUATE_MAX_ITERATIONS}; image-model: "
+                             f"{defaults.max_outer_iter})")
+    parser.add_argument("--ksvd-iterations", type=int, default=EVALUATE_KSVD_ITERATIONS,
+                        help=f"K-SVD sweeps per dictionary per pass (default "
+                             f"{EVALUATE_KSVD_ITERATIONS}; image-model: "
+                             f"{defaults.ksvd_max_iter})")
+    parser.add_argument("--patches-per-cluster", type=int,
+                        default=EVALUATE_PATCHES_PER_CLUSTER,
+                        help=f"layer-1 training patches sampled per cluster (default "
+                             f"{EVALUATE_PATCHES_PER_CLUSTER}; image-model: "
+                             f"{defaults.patches_per_cluster})")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines or bar")
+
+
 def add_parsers(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     parser = sub.add_parser("train-backbone", parents=[common],
                             help="train DenseNet121 on this site's images to predict their tag "
@@ -428,7 +575,5 @@ def add_parsers(sub: argparse._SubParsersAction, common: argparse.ArgumentParser
     parser.add_argument("--sample-size", type=int_at_least(2), help="default: all images / samples")
     parser.add_argument("--seed", type=int, default=0)
     parser.set_defaults(func=command(visual_check))
-
-    from ..images.evaluation import add_evaluate_parser
 
     add_evaluate_parser(sub, common)

@@ -1,8 +1,9 @@
 """Retrieval evaluation against site labels: the DDicCIR paper's Table 1.
 
 Given a labels CSV (single-label, multi-label or IRMA codes) and the image features the image
-worker stored, ``pacs-annotate evaluate`` answers "how well does retrieval work on *our*
-images, and what does each part of the pipeline add?" with the paper's Table 1 layout:
+worker stored, ``pacs-annotate evaluate`` (its command line: ``service.cli.images``) answers
+"how well does retrieval work on *our* images, and what does each part of the pipeline add?"
+with the paper's Table 1 layout:
 
 ==================  ==========================================================================
 method              what ranks the held-out queries against the index images
@@ -54,7 +55,6 @@ Readings fixed here (docs/image_pipeline.md, "Evaluation", gives the reasons):
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import io
@@ -62,7 +62,6 @@ import json
 import logging
 import hashlib
 import re
-import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -84,7 +83,7 @@ from pipelines.retrieval_metrics import (DEFAULT_CUTOFFS, DEFAULT_NDCG_CUTOFFS, 
 __all__ = [
     "DEFAULT_FOLDS", "DEFAULT_METHODS", "EXCLUDE_RULES", "EvaluationResult", "GROUP_RULES",
     "LabelError", "LabelSet", "METHODS", "Method", "MethodResult", "NoLabelledFeatures",
-    "StoredFeatures", "add_evaluate_parser", "cmd_evaluate", "evaluate", "evaluate_stored",
+    "StoredFeatures", "evaluate", "evaluate_stored",
     "excluded_pairs", "format_table", "group_folds", "load_stored_features", "read_labels",
     "write_result",
 ]
@@ -1220,133 +1219,3 @@ def write_result(result: EvaluationResult, out_dir: str | Path, *, n: int = 20) 
         partial.write_text(content, encoding="utf-8")
         partial.replace(path)
     return [csv_path, json_path, table_path]
-
-
-# --------------------------------------------------------------------------------------------
-# Command line
-# --------------------------------------------------------------------------------------------
-
-def _method_list(text: str) -> tuple[str, ...]:
-    names = tuple(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))
-    unknown = [name for name in names if name not in METHODS]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(
-            f"unknown method(s) {', '.join(unknown) or '(none given)'}; choose from "
-            f"{', '.join(METHODS)}")
-    return names
-
-
-def _cutoff_list(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(sorted({int(value) for value in text.split(",") if value.strip()}))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a comma-separated list of integers: {text!r}")
-    if not values or values[0] < 1:
-        raise argparse.ArgumentTypeError("cut-offs must be integers >= 1")
-    return values
-
-
-
-
-def add_evaluate_parser(subparsers, common_parent: argparse.ArgumentParser
-                        ) -> argparse.ArgumentParser:
-    """Register ``evaluate`` on the CLI's sub-parsers (``common_parent``: --config etc.)."""
-    defaults = PipelineConfig()
-    parser = subparsers.add_parser(
-        "evaluate", parents=[common_parent],
-        help="retrieval quality on labelled images: the DDicCIR paper's Table 1 (features "
-             "only, one dictionary layer, full pipeline, ablations) over k group-disjoint "
-             "folds, with timings",
-        description="Deal the labelled images into k folds that never split a study (or "
-                    "patient, series, or the labels CSV's group), fit each method on k - 1 "
-                    "folds, query with the held-out one, and print and save the mean and "
-                    "spread over folds of P@N, R@N, F1, mAP@N, nDCG, purity (and the IRMA "
-                    "error for IRMA codes). Each method is saved as soon as it is done; "
-                    "running again with the same --out skips methods already finished with "
-                    "the same configuration.")
-    parser.add_argument("--labels", required=True,
-                        help="CSV with sop_instance_uid and one of: label (single), labels "
-                             "(several, separated by | or ;), irma (IRMA code); optionally "
-                             "group (patient, case: never split)")
-    parser.add_argument("--out", help="folder for evaluation.csv, evaluation.json, table.md "
-                                      "and methods/*.json (default "
-                                      "./evaluation-YYYYmmdd-HHMMSS); an earlier run's folder "
-                                      "resumes it")
-    parser.add_argument("--methods", type=_method_list, default=DEFAULT_METHODS,
-                        help=f"comma-separated, table order (default: "
-                             f"{','.join(DEFAULT_METHODS)}; all: {','.join(METHODS)})")
-    parser.add_argument("--folds", type=int, default=DEFAULT_FOLDS,
-                        help="k of the k-fold protocol (default 5, the paper's)")
-    parser.add_argument("--group-by", choices=list(GROUP_RULES),
-                        help="what is never both query and index (default: the labels CSV's "
-                             "group column when it has one, else study)")
-    parser.add_argument("--exclude", choices=list(EXCLUDE_RULES), default="same-study",
-                        help="also leave each query's own study or patient out of its "
-                             "candidates (default same-study)")
-    parser.add_argument("--clusters", type=int, default=defaults.n_clusters,
-                        help="k (Table 9: 15)")
-    parser.add_argument("--seed", type=int, default=0, help="folds and fits")
-    parser.add_argument("--n", type=int, default=20, help="the cut-off of the main table")
-    parser.add_argument("--cutoffs", type=_cutoff_list, default=DEFAULT_CUTOFFS,
-                        help="N list (default 5,10,...,40)")
-    parser.add_argument("--max-images", type=int,
-                        help="evaluate a seeded sample of this many labelled images")
-    parser.add_argument("--layer1-atoms", type=int, default=defaults.layer1_atoms)
-    parser.add_argument("--layer2-atoms", type=int, default=defaults.layer2_atoms)
-    parser.add_argument("--sparsity", type=int, default=defaults.sparsity)
-    parser.add_argument("--max-iterations", type=int, default=EVALUATE_MAX_ITERATIONS,
-                        help=f"most k-means re-iteration passes (default "
-                             f"{EVALUATE_MAX_ITERATIONS}; image-model: "
-                             f"{defaults.max_outer_iter})")
-    parser.add_argument("--ksvd-iterations", type=int, default=EVALUATE_KSVD_ITERATIONS,
-                        help=f"K-SVD sweeps per dictionary per pass (default "
-                             f"{EVALUATE_KSVD_ITERATIONS}; image-model: "
-                             f"{defaults.ksvd_max_iter})")
-    parser.add_argument("--patches-per-cluster", type=int,
-                        default=EVALUATE_PATCHES_PER_CLUSTER,
-                        help=f"layer-1 training patches sampled per cluster (default "
-                             f"{EVALUATE_PATCHES_PER_CLUSTER}; image-model: "
-                             f"{defaults.patches_per_cluster})")
-    parser.add_argument("--quiet", action="store_true", help="no progress lines or bar")
-    parser.set_defaults(func=cmd_evaluate)
-    return parser
-
-
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    """``pacs-annotate evaluate``: exit 0 with the table printed and saved, 2 on unusable
-    labels or options, or when no labelled instance has features."""
-    from ..cli.common import database as _database
-    from ..cli.common import settings_from as _settings
-    from .image_worker import resolve_device
-    from ..progress import on_terminal, stderr_lines
-
-    settings = _settings(args)
-    bar = not args.quiet and on_terminal()
-    say = stderr_lines(args.quiet)
-    out = Path(args.out or f"evaluation-{datetime.now():%Y%m%d-%H%M%S}")
-    try:
-        labels = read_labels(args.labels)
-        config = PipelineConfig(
-            n_clusters=args.clusters, layer1_atoms=args.layer1_atoms,
-            layer2_atoms=args.layer2_atoms, sparsity=args.sparsity,
-            max_outer_iter=args.max_iterations, ksvd_max_iter=args.ksvd_iterations,
-            patches_per_cluster=args.patches_per_cluster, seed=args.seed,
-            device=resolve_device(settings.image_device))
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    with _database(settings) as database:
-        try:
-            result = evaluate(database.engine, settings.feature_store_path, labels,
-                              config=config, methods=args.methods, folds=args.folds,
-                              group_by=args.group_by, exclude=args.exclude, seed=args.seed,
-                              cutoffs=args.cutoffs, max_images=args.max_images, progress=say,
-                              out_dir=out, table_n=args.n, bar=bar)
-        except ValueError as exc:  # NoLabelledFeatures included
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-    print(format_table(result, args.n))
-    for name in ("evaluation.csv", "evaluation.json", "table.md"):
-        print(f"wrote {out / name}")
-    print(f"each method's result: {out / 'methods'}/<method>.json")
-    return 0
