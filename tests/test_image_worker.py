@@ -182,8 +182,8 @@ def test_a_killed_worker_loses_nothing(engine, tmp_path, archive, weights, datab
     storage, images, report, poison = archive
     code = (
         "import sys, threading\n"
-        "from service.db import create_db_engine\n"
-        "from service.image_worker import ImageWorker\n"
+        "from service.database.engine import create_db_engine\n"
+        "from service.images.image_worker import ImageWorker\n"
         "from pipelines.backbone import load_backbone\n"
         f"engine = create_db_engine({database_url!r})\n"
         f"worker = ImageWorker(engine, load_backbone({str(weights)!r}), "

@@ -90,9 +90,9 @@ def _leave_unfinished_store(storage: Path, data: bytes) -> None:
     """A separate process writes and links a file, then dies before any commit."""
     code = (
         "import os, sys; from pathlib import Path\n"
-        "from service.storage import FileStore\n"
-        "from service.dicom_header import read_header\n"
-        "from service.storage import relative_path\n"
+        "from service.ingest.storage import FileStore\n"
+        "from service.ingest.dicom_header import read_header\n"
+        "from service.ingest.storage import relative_path\n"
         "data = sys.stdin.buffer.read(); h = read_header(data)\n"
         "store = FileStore(Path(sys.argv[1])); store.prepare()\n"
         "store.write(relative_path(h.study_instance_uid, h.series_instance_uid,"
