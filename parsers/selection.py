@@ -4,7 +4,7 @@ Two ways to get a :class:`FeatureSelection`:
 
 * :func:`default_selection`: the shipped list, ``DEFAULT_COLUMNS``, with one reason per
   column (``docs/analysis.md`` has the same table).
-* :func:`select_features`: derived from a tag analysis run (``service.analysis``). Rules, in
+* :func:`select_features`: derived from a tag analysis run (``service.tags.analysis``). Rules, in
   order, for every column of ``FEATURE_COLUMNS``:
 
   1. a column listed in ``keep`` is kept, one in ``exclude`` (by default the two columns
@@ -233,7 +233,7 @@ def select_features(analysis_rows: Iterable[Mapping[str, Any]], *, max_missing: 
 
     ``analysis_rows``: one mapping per tag with ``keyword``, ``present``,
     ``missing_share``, ``distinct_values`` and ``is_unique_per_record`` (rows of
-    ``tag_analysis``, or ``dataclasses.asdict`` of ``service.analysis.TagStats``).
+    ``tag_analysis``, or ``dataclasses.asdict`` of ``service.tags.analysis.TagStats``).
     ``column_rows``: optional, one per parsed column with ``column`` (or ``column_name``)
     and ``missing_share`` (``tag_analysis_columns``); with them a column that is present but
     unparseable counts as missing. ``exclude``: columns never selected; by default the

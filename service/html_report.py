@@ -1,5 +1,5 @@
-"""Pieces shared by the self-contained HTML reports (``service.analysis``,
-``service.cluster_report``, ``service.image_report``).
+"""Pieces shared by the self-contained HTML reports (``service.tags.analysis``,
+``service.tags.cluster_report``, ``service.images.image_report``).
 
 A report is one page with no external assets: :func:`page_start` writes the head with the
 shared :data:`STYLE` (plus the page's own rules), :func:`page_end` closes it with

@@ -161,7 +161,7 @@ def busy_cpus():
 def test_four_concurrent_associations_store_2000_instances(service, busy_cpus):
     """Four associations at once, 500 stores each, on a machine whose CPUs are all busy.
 
-    The senders are ``service.sender.Requestor``s, one per thread, not pynetdicom's
+    The senders are ``service.ingest.sender.Requestor``s, one per thread, not pynetdicom's
     ``Association``: pynetdicom 3.0.4's reactor thread can take a C-STORE response off the
     queue that ``send_c_store`` waits on (it logs "Received unexpected C-STORE service
     message", the caller then waits for the DIMSE timeout and aborts), and on a busy machine

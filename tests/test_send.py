@@ -1,4 +1,4 @@
-"""``pacs-annotate send`` (service/sender.py) and the README's other ways of sending, through
+"""``pacs-annotate send`` (service/ingest/sender.py) and the README's other ways of sending, through
 real associations to the listener, against a real PostgreSQL.
 
 The shared-file tests send ../shared/data/dicom (447 DICOM files, MANIFEST.csv, READMEs and

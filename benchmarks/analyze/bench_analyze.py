@@ -8,7 +8,7 @@ Builds the archive in a fresh database on the embedded pgserver (in --pgdata, de
 drawn in Python (a few thousand rows), the instance rows are made by PostgreSQL itself with
 ``INSERT ... SELECT generate_series`` (no per-row round trip). Then it times
 
-* ``service.analysis.run_analysis`` (counting in PostgreSQL, the shipped code), and
+* ``service.tags.analysis.run_analysis`` (counting in PostgreSQL, the shipped code), and
 * a chunked client-side count: a server-side cursor streams ``tags`` in chunks of
   ``--chunk`` rows and a ``collections.Counter`` counts (key, value) in Python. This is
   what Dask over chunks would do, without Dask's scheduler (Dask is not installed).

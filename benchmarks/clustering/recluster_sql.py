@@ -5,7 +5,7 @@ PostgreSQL (target: 1,000,000 instances clustered and assigned in under 10 minut
     .venv/bin/python benchmarks/clustering/recluster_sql.py --instances 1000000
 
 Loads ``make_archive(n)`` into a fresh embedded PostgreSQL (or ``--database-url``, whose
-tables it fills: use an empty database) with COPY, then runs ``service.tag_clusters.recluster``
+tables it fills: use an empty database) with COPY, then runs ``service.tags.tag_clusters.recluster``
 with the paper's K candidates exactly as ``pacs-annotate recluster`` does, and prints the
 step timings and the peak resident memory of this process plus its children (Dask workers)
 sampled every 0.2 s, and separately of the PostgreSQL server processes.

@@ -1,5 +1,5 @@
 """What creating a file costs right after many files were deleted, with and without
-``.incoming``'s top-folder flag (``service.storage.mark_top_directory``).
+``.incoming``'s top-folder flag (``service.ingest.storage.mark_top_directory``).
 
     .venv/bin/python benchmarks/ingest/create_after_delete.py [--root DIR] [--files N]
 

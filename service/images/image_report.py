@@ -6,7 +6,7 @@
   each tag cluster of the active tag clustering run, its size, what its tags say and a
   montage of a sample of its members.
 * :func:`tag_cluster_montages`: the same tag-cluster montages for the tag clustering report
-  (``service.cluster_report``).
+  (``service.tags.cluster_report``).
 * :func:`write_query_report`: ``pacs-annotate query --html FILE``: the query image beside
   its hits, with rank, score and key tags.
 

@@ -6,7 +6,7 @@ batch runs through the network, and stores per instance:
 
 * the 1024-value global average in ``image_features.feature`` (pgvector, HNSW-indexed for
   cosine search straight from SQL),
-* the 1024 x 7 x 7 map in a float16 shard of the feature store (``service.feature_store``),
+* the 1024 x 7 x 7 map in a float16 shard of the feature store (``service.images.feature_store``),
   referenced by ``map_shard`` / ``map_index``,
 * the weights' ``model_version``.
 

@@ -107,7 +107,7 @@ class DimseRequest:
 
 
 # command field -> handler; it runs on the association's thread and answers through
-# ``association.send_message`` (storage commitment: service/storage_commitment.py)
+# ``association.send_message`` (storage commitment: service/ingest/storage_commitment.py)
 ServiceHandler = Callable[[DimseRequest, "Association"], None]
 
 # called before each association is accepted: a reason to refuse it (transiently), or None

@@ -263,7 +263,7 @@ def serve_forever(settings: Settings, database_url: str, ingestor: Ingestor,
     of the CPU of the benchmark's first seconds: benchmarks/ingest/README.md).
     """
     # checked again here, after the database and before the workers start: the first
-    # check (cmd_serve) fails fast, this one narrows the window to the listeners' start
+    # check (cli.ingest.serve) fails fast, this one narrows the window to the listeners' start
     ensure_port_free(settings.bind_address, settings.port)
     context = multiprocessing.get_context("spawn")
     children: list = []

@@ -13,10 +13,11 @@ beside the caller, and ``send_c_store`` pauses that reactor with a handshake tha
 reactor run one last loop after the request went out.  When the response arrives within that
 loop, the reactor takes it off the DIMSE queue ("Received unexpected C-STORE service
 message"), and the caller waits for the DIMSE timeout and aborts.  On a busy machine this
-lost 405 of 2,000 stores in ``tests/test_scp.py``.  So, as ``service/acceptor.py`` does on the
-receiving side, pynetdicom encodes the A-ASSOCIATE-RQ and decodes the answer, and the steady
-state is one blocking loop on the calling thread: send a request, read its response, check that
-the response answers that request (Message ID Being Responded To, SOP Instance UID, context).
+lost 405 of 2,000 stores in ``tests/test_scp.py``.  So, as ``service/ingest/acceptor.py``
+does on the receiving side, pynetdicom encodes the A-ASSOCIATE-RQ and decodes the answer, and
+the steady state is one blocking loop on the calling thread: send a request, read its response,
+check that the response answers that request (Message ID Being Responded To, SOP Instance UID,
+context).
 """
 
 from __future__ import annotations

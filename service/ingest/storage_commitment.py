@@ -236,7 +236,7 @@ class _Pending:
 
 class StorageCommitmentSCP:
     """Serves N-ACTION-RQ (request commitment) on the acceptor's associations and delivers
-    the N-EVENT-REPORT; ``services`` goes to :class:`service.acceptor.DicomServer`."""
+    the N-EVENT-REPORT; ``services`` goes to :class:`service.ingest.acceptor.DicomServer`."""
 
     def __init__(self, engine: sa.Engine, ae_title: str, peers: Mapping[str, Peer] | None = None,
                  *, attempts: int = REPORT_ATTEMPTS, retry_seconds: float = REPORT_RETRY_SECONDS,

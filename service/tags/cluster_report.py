@@ -1,6 +1,6 @@
 """HTML report of one tag-clustering run (method.md A.6, the paper's Figure 3).
 
-``service.tag_clusters`` reads a run back from the database into a :class:`ClusterReportData`
+``service.tags.tag_clusters`` reads a run back from the database into a :class:`ClusterReportData`
 and calls :func:`render_cluster_report`, which writes a self-contained folder::
 
     out_dir/index.html               header, K table, per-cluster table, the plots below
@@ -8,7 +8,7 @@ and calls :func:`render_cluster_report`, which writes a self-contained folder::
     out_dir/silhouette_samples.png   per-profile silhouettes, cluster after cluster
     out_dir/cluster_sizes.png        instances per cluster (whole archive)
 
-With ``montages`` (``service.image_report.tag_cluster_montages``) the page also shows a
+With ``montages`` (``service.images.image_report.tag_cluster_montages``) the page also shows a
 thumbnail montage of each cluster's members nearest its medoid, embedded in the page.
 
 Tag values come from DICOM files written by anybody, so every piece of text goes through

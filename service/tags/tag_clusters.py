@@ -713,7 +713,7 @@ def assign_new_instances(conn: sa.Connection, cache: ActiveModelCache,
 
 
 def report_data(engine: Engine, run_id: int | None = None, *, top: int = 5):
-    """A run read back for :func:`service.cluster_report.render_cluster_report` (default: the
+    """A run read back for :func:`service.tags.cluster_report.render_cluster_report` (default: the
     active run). Top values of the key columns are counted over the run's assignments."""
     from .cluster_report import ClusterReportData
 
