@@ -206,6 +206,15 @@ def database(settings: Settings, *, migrate: bool = True) -> Iterator[Database]:
         yield opened
 
 
+def pending(engine, stage: str) -> int:
+    """Items of ``stage`` waiting in the work queue."""
+    import sqlalchemy as sa
+
+    with engine.connect() as conn:
+        return conn.execute(sa.text("SELECT count(*) FROM work_queue WHERE stage = :stage "
+                                    "AND status = 'pending'"), {"stage": stage}).scalar_one()
+
+
 def stop_on_signals() -> threading.Event:
     """Set by SIGTERM or SIGINT: the long-running commands end cleanly on either."""
     stop = threading.Event()

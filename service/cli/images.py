@@ -15,8 +15,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .common import (Settings, add_arguments_when_used, command, database, int_at_least, log,
-                     positive_int, share, stop_on_signals)
-from .tags import pending
+                     pending, positive_int, share, stop_on_signals)
 
 
 def image_worker(settings: Settings, *, name: str, batch: int | None = None,

@@ -8,19 +8,10 @@ import sys
 import threading
 from pathlib import Path
 
-from .common import (Settings, command, database, log, positive_int, progress_stream, share,
-                     stop_on_signals, vocabulary)
+from .common import (Settings, command, database, log, pending, positive_int, progress_stream,
+                     share, stop_on_signals, vocabulary)
 
 EXIT_LOCKED = 75  # EX_TEMPFAIL: another recluster runs; cron may simply try again later
-
-
-def pending(engine, stage: str) -> int:
-    """Items of ``stage`` waiting in the work queue."""
-    import sqlalchemy as sa
-
-    with engine.connect() as conn:
-        return conn.execute(sa.text("SELECT count(*) FROM work_queue WHERE stage = :stage "
-                                    "AND status = 'pending'"), {"stage": stage}).scalar_one()
 
 
 def tags_worker(settings: Settings, *, name: str, batch: int | None = None,
