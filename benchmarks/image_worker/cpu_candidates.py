@@ -444,8 +444,7 @@ def _spawn(args: argparse.Namespace, name: str, phase: str, threads: int, out: P
         command += ["--weights", str(args.weights)]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
                # a cold inductor cache, so compile time is what a fresh service pays
-               TORCHINDUCTOR_CACHE_DIR=tempfile.mkdtemp(prefix="inductor-"),
-               OPENVINO_TELEMETRY_OPT_OUT="1")
+               TORCHINDUCTOR_CACHE_DIR=tempfile.mkdtemp(prefix="inductor-"))
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         done = subprocess.run(command, env=env, capture_output=True, text=True,
