@@ -179,7 +179,7 @@ def main() -> int:
     from sklearn.cluster import KMeans
 
     from pipelines.backbone import build_densenet121, load_backbone
-    from pipelines.retrieval_metrics import cluster_purity
+    from pipelines.retrieval_metrics import cluster_purity, one_hot
     from service.config import load_settings
     from service.database.engine import open_database
     from service.images.image_annotation import SimilarImages
@@ -219,7 +219,7 @@ def main() -> int:
         table[f"product: image model ({active.model.ranking})"] = metrics_of(
             np.array(ranked_labels), query_labels)
         index_labels = np.array([names.index(archive_labels[u]["label"]) for u in index_uids])
-        image_cluster_purity = cluster_purity(index_clusters.numpy(), index_labels)
+        image_cluster_purity = cluster_purity(index_clusters.numpy(), one_hot(index_labels))
         k = int(index_clusters.max()) + 1
         trained = load_backbone(weights).module
 
@@ -245,7 +245,7 @@ def main() -> int:
             kmeans = KMeans(n_clusters=k, n_init=10, random_state=0).fit(
                 archive_pooled / np.linalg.norm(archive_pooled, axis=1, keepdims=True))
             purity[f"k-means (k={k}) on trained pooled features"] = cluster_purity(
-                kmeans.labels_, labels)
+                kmeans.labels_, one_hot(labels))
     chance = float(np.mean([np.mean(labels == q) for q in query_labels]))
     result = {"archive": len(archive_uids), "queries": len(query_paths), "size": size,
               "epochs": args.epochs, "timings": timings, "table": table, "purity": purity,
