@@ -67,6 +67,11 @@ def read_labels(path: Path) -> dict[str, dict]:
         return {row["sop_instance_uid"]: row for row in csv.DictReader(handle)}
 
 
+def wrapped_file(part: Path, row: dict) -> Path:
+    """Where ``wrap_as_dicom.py`` wrote a labels.csv row's image under ``part``."""
+    return part / "dicom" / row["label"] / (Path(row["image"]).stem + ".dcm")
+
+
 def cosine_scores(queries, archive):
     import numpy as np
 
@@ -178,7 +183,8 @@ def main() -> int:
     import torch
     from sklearn.cluster import KMeans
 
-    from pipelines.backbone import build_densenet121, load_backbone
+    from pipelines.backbone import build_densenet121, extract_features
+    from pipelines.pixels import file_to_image
     from pipelines.retrieval_metrics import cluster_purity, one_hot
     from service.config import load_settings
     from service.database.engine import open_database
@@ -187,9 +193,7 @@ def main() -> int:
     archive_labels = read_labels(work / "archive" / "labels.csv")
     query_rows = list(read_labels(work / "queries" / "labels.csv").values())
     names = sorted({row["label"] for row in archive_labels.values()})
-    dicom_root = work / "queries" / "dicom"
-    query_paths = [dicom_root / row["label"] / (Path(row["image"]).stem + ".dcm")
-                   for row in query_rows]
+    query_paths = [wrapped_file(work / "queries", row) for row in query_rows]
     query_labels = np.array([names.index(row["label"]) for row in query_rows])
     table: dict[str, dict] = {}
 
@@ -202,9 +206,6 @@ def main() -> int:
         print(f"== query {len(query_paths)} files: image model {active.id}, ranking "
               f"{active.model.ranking}, input {size} px, {len(index_uids)} indexed",
               flush=True)
-        from pipelines.backbone import extract_features
-        from pipelines.pixels import file_to_image
-
         started = time.perf_counter()
         ranked_labels = []
         for start in range(0, len(query_paths), 64):
@@ -221,11 +222,10 @@ def main() -> int:
         index_labels = np.array([names.index(archive_labels[u]["label"]) for u in index_uids])
         image_cluster_purity = cluster_purity(index_clusters.numpy(), one_hot(index_labels))
         k = int(index_clusters.max()) + 1
-        trained = load_backbone(weights).module
+        trained = backbone.module
 
     archive_uids = sorted(archive_labels)
-    archive_paths = [work / "archive" / "dicom" / archive_labels[u]["label"]
-                     / (Path(archive_labels[u]["image"]).stem + ".dcm") for u in archive_uids]
+    archive_paths = [wrapped_file(work / "archive", archive_labels[u]) for u in archive_uids]
     labels = np.array([names.index(archive_labels[u]["label"]) for u in archive_uids])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
